@@ -1,0 +1,228 @@
+"""The MaskSAM network: frozen SAM + 3D adapters, prompt generator and mask classification.
+
+Data flow for a patch x (B, C, T, H, W), N = B*Q*T prompts:
+
+    first_conv → (B, 3, T, S, S) → slices (B*T, 3, S, S)
+    image encoder (frozen) + depth embedding + DConvAdapters → neck, 4 features
+    prompt generator (``auto``) or labels (``gt``) → per query and slice: a mask
+        prompt, a box prompt and (``auto``) a classifier token
+    prompt encoder (frozen) → sparse and dense embeddings; dense PE + depth PE
+    mask decoder (frozen) + classifier token + adapters → low-res mask, class logits
+    final_conv → mask logits (B, Q, T, H, W)
+
+Only the modules outside ``self.sam`` are trainable; ``self.sam`` stays frozen
+and in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import SamBackbone
+from .decoder3d import DecoderAdapters
+from .encoder3d import TinyViTAdapters, ViTAdapters
+from .heads import FinalConv, FirstConv, mask_boxes, order_box, semantic_scores
+from .prompt_generator import PromptGenerator
+
+PROMPT_MODES = ("auto", "gt")
+DECODER_WIDTHS = (256, 256, 128, 128, 64, 64)  # deepest first (METHOD: 64,64,128,128,256,256)
+
+
+def decoder_sizes(embedding_size: int, patch_size: int, stages: int) -> tuple[int, ...]:
+    """In-plane size of each prompt-generator stage: constant, then doubling to the patch size."""
+    ups = int(round(math.log2(patch_size / embedding_size)))
+    if 2**ups * embedding_size != patch_size or ups < 0:
+        raise ValueError(f"patch size {patch_size} is not embedding size {embedding_size} times a power of 2")
+    if stages < ups + 1:
+        raise ValueError(f"{stages} decoder stages cannot upsample {embedding_size} to {patch_size}")
+    return (embedding_size,) * (stages - ups) + tuple(embedding_size * 2 ** (i + 1) for i in range(ups))
+
+
+class MaskSAM(nn.Module):
+    """MaskSAM for patches of ``patch_size`` = (T, H, W) with ``in_channels`` channels.
+
+    ``forward`` returns a dict (Q queries, C = ``num_classes`` incl. background):
+    ``pred_logits`` (B, Q, T, C+1), ``pred_masks`` (B, Q, T, H, W) and, in ``auto``
+    mode, ``aux_masks`` (B, Q, T, H, W) and ``aux_boxes`` (B, Q, T, 4) in [0, 1];
+    ``prompt_boxes`` (B, Q, T, 4) are the boxes given to the prompt encoder.
+    """
+
+    def __init__(
+        self,
+        *,
+        sam: SamBackbone,
+        in_channels: int,
+        num_classes: int,
+        patch_size: tuple[int, int, int],
+        num_queries: int,
+        prompt_mode: str = "auto",
+        decoder_stages: int = 6,
+        decoder_widths: tuple[int, ...] = DECODER_WIDTHS,
+        adapter_ratio: int = 4,
+    ) -> None:
+        super().__init__()
+        if prompt_mode not in PROMPT_MODES:
+            raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, not {prompt_mode!r}")
+        depth, height, width = patch_size
+        if height != width:
+            raise ValueError(f"patches must be square in-plane, got {height}x{width}")
+        upsample = int(round(math.log2(sam.image_size / height)))
+        if upsample < 0 or height * 2**upsample != sam.image_size:
+            raise ValueError(f"SAM input {sam.image_size} is not patch size {height} times a power of 2")
+        self.sam = sam.requires_grad_(False).eval()
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.prompt_mode = prompt_mode
+        dim = sam.prompt_dim
+        h = sam.embedding_size
+
+        self.first_conv = FirstConv(in_channels, upsample=upsample)
+        encoder = sam.image_encoder
+        if sam.kind == "vit":
+            embed_dim = encoder.patch_embed.proj.out_channels
+            self.encoder_adapters: nn.Module = ViTAdapters(
+                embed_dim=embed_dim,
+                num_blocks=len(encoder.blocks),
+                depth=depth,
+                bottleneck=embed_dim // adapter_ratio,
+                feature_blocks=sam.feature_blocks,
+            )
+        else:
+            self.encoder_adapters = TinyViTAdapters(
+                stage_dims=tuple(encoder.embed_dims),
+                stage_depths=tuple(encoder.depths),
+                depth=depth,
+                bottleneck_ratio=adapter_ratio,
+            )
+        if prompt_mode == "auto":
+            sizes = decoder_sizes(h, height, decoder_stages)
+            self.prompt_generator: PromptGenerator | None = PromptGenerator(
+                neck_channels=dim,
+                feature_channels=sam.feature_channels,
+                feature_sizes=sam.feature_sizes,
+                image_channels=in_channels,
+                widths=tuple(decoder_widths[:decoder_stages]),
+                sizes=sizes,
+                depth=depth,
+                num_queries=num_queries,
+                token_dim=dim,
+            )
+        else:
+            self.prompt_generator = None
+        self.depth_pe = nn.Parameter(torch.zeros(depth, dim, h, h))
+        self.decoder_adapters = DecoderAdapters(
+            dim=dim, depth=depth, num_classes=num_classes, bottleneck_ratio=adapter_ratio
+        )
+        self.final_conv = FinalConv(in_size=sam.prompt_encoder.mask_input_size[0], out_size=height)
+
+    def train(self, mode: bool = True) -> MaskSAM:
+        super().train(mode)
+        self.sam.eval()  # frozen SAM: BatchNorm statistics (TinyViT) must not move
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer outside the frozen SAM (what a checkpoint stores)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("sam.")}
+
+    def forward(self, x: torch.Tensor, prompts: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """x: (B, C, T, H, W). In ``gt`` mode ``prompts["masks"]`` (B, Q, T, H, W) bool
+        holds one ground-truth mask per query (see :func:`gt_prompts`)."""
+        b, _, t, hh, ww = x.shape
+        if (t, hh, ww) != tuple(self.patch_size):
+            raise ValueError(f"expected patches of {tuple(self.patch_size)}, got {(t, hh, ww)}")
+        sam = self.sam
+        img = self.first_conv(x)
+        s = img.shape[-1]
+        slices = img.transpose(1, 2).reshape(b * t, 3, s, s)
+        neck, features = self.encoder_adapters(sam.image_encoder, slices, t)
+
+        def volume(f: torch.Tensor) -> torch.Tensor:
+            return f.reshape(b, t, *f.shape[1:]).transpose(1, 2)
+
+        out: dict[str, torch.Tensor] = {}
+        if self.prompt_generator is not None:
+            gen = self.prompt_generator(volume(neck), [volume(f) for f in features], x)
+            out["aux_masks"], out["aux_boxes"] = gen["aux_masks"], gen["aux_boxes"]
+            with torch.no_grad():
+                binary = gen["aux_masks"].detach() > 0  # sigmoid > 0.5
+                mbox, present = mask_boxes(binary)
+            pbox = order_box(gen["aux_boxes"])
+            boxes = torch.where(present[..., None], (pbox + mbox) / 2, pbox)
+            cls_tokens = gen["cls_tokens"]
+        else:
+            if prompts is None or "masks" not in prompts:
+                raise ValueError("gt prompt mode needs prompts={'masks': (B, Q, T, H, W)}")
+            binary = prompts["masks"].bool()
+            boxes, _ = mask_boxes(binary)
+            cls_tokens = None
+        q = binary.shape[1]
+        n = b * q * t
+        out["prompt_boxes"] = boxes
+        mask_in = F.interpolate(
+            binary.reshape(n, 1, hh, ww).to(img.dtype), size=sam.prompt_encoder.mask_input_size, mode="bilinear"
+        )
+        sparse, dense = sam.prompt_encoder(points=None, boxes=boxes.reshape(n, 4) * s, masks=mask_in)
+
+        emb_shape = neck.shape[1:]
+        embeddings = neck.reshape(b, 1, t, *emb_shape).expand(b, q, t, *emb_shape).reshape(n, *emb_shape)
+        pe = sam.prompt_encoder.get_dense_pe() + self.depth_pe  # (T, D, h, w)
+        pe = pe.unsqueeze(0).expand(b * q, *pe.shape).reshape(n, *emb_shape)
+        masks, logits = self.decoder_adapters(
+            sam.mask_decoder,
+            embeddings,
+            pe,
+            sparse,
+            dense,
+            None if cls_tokens is None else cls_tokens.reshape(n, -1),
+            t,
+        )
+        low = masks.reshape(b, q, t, *masks.shape[-2:])
+        out["pred_masks"] = self.final_conv(low)
+        out["pred_logits"] = logits.reshape(b, q, t, -1)
+        return out
+
+    @torch.no_grad()
+    def segment(self, x: torch.Tensor, prompts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Per-class scores (B, C, T, H, W) by MaskFormer semantic inference."""
+        out = self(x, prompts)
+        return semantic_scores(out["pred_logits"], out["pred_masks"])
+
+    @torch.no_grad()
+    def zero_shot(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Base SAM with every adapter off: box prompts on single slices.
+
+        images (N, 3, S, S), already normalised as the backbone expects;
+        boxes (N, K, 4) in pixels of S (x0, y0, x1, y1) → low-resolution mask
+        logits (N, K, 4h, 4h) of mask token 0 (``multimask_output=False``).
+        This runs the frozen SAM modules themselves, one slice at a time, so it
+        returns exactly what the base model returns.
+        """
+        sam = self.sam
+        embeddings = sam.image_encoder(images)
+        pe = sam.prompt_encoder.get_dense_pe()
+        out = []
+        for emb, slice_boxes in zip(embeddings, boxes):
+            sparse, dense = sam.prompt_encoder(points=None, boxes=slice_boxes, masks=None)
+            masks, _ = sam.mask_decoder(
+                image_embeddings=emb[None],
+                image_pe=pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            out.append(masks[:, 0])
+        return torch.stack(out)
+
+
+def gt_prompts(labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """Ground-truth prompts for ``gt`` mode: one query per class id.
+
+    labels (B, T, H, W) int → {"masks": (B, C, T, H, W) bool}.
+    """
+    classes = torch.arange(num_classes, device=labels.device).view(1, -1, 1, 1, 1)
+    return {"masks": labels.unsqueeze(1) == classes}

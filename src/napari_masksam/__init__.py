@@ -1,0 +1,3 @@
+"""napari plugin for MaskSAM segmentation (widgets, reader, writer, sample data)."""
+
+__version__ = "0.1.0"

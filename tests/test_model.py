@@ -1,0 +1,281 @@
+"""The MaskSAM network: shapes, gradients, frozen SAM, modes, presets, attention."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from segment_anything.modeling.image_encoder import Attention as SamAttention
+
+from masksam_core.cli import main as cli_main
+from masksam_core.errors import ModelError
+from masksam_core.modeling import build_backbone, build_model, checkpoint_filter_fn, gt_prompts, semantic_scores
+from masksam_core.modeling.backbone import build_vit_backbone
+from masksam_core.modeling.heads import mask_boxes
+from masksam_core.modeling.vit import FusedAttention
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("size", [(14, 14), (16, 16), (7, 9)])
+def test_fused_attention_equals_segment_anything(size):
+    torch.manual_seed(0)
+    ref = SamAttention(96, num_heads=4, qkv_bias=True, use_rel_pos=True, input_size=size)
+    with torch.no_grad():  # rel-pos tables start at zero in SAM; make them matter
+        ref.rel_pos_h.normal_(std=0.5)
+        ref.rel_pos_w.normal_(std=0.5)
+    fused = FusedAttention(96, num_heads=4, qkv_bias=True, use_rel_pos=True, input_size=size)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(3, *size, 96)
+    a, b = fused(x), ref(x)
+    assert a.shape == b.shape
+    assert _rel_err(a, b) < 1e-6
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_filter_fn_resizes_position_tables():
+    big = build_vit_backbone(name="t", embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,),
+                             image_size=256, prompt_dim=32, decoder_mlp_dim=64, decoder_heads=2)
+    small = build_vit_backbone(name="t", embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,),
+                               image_size=128, prompt_dim=32, decoder_mlp_dim=64, decoder_heads=2)
+    with torch.no_grad():
+        for block in big.image_encoder.blocks:
+            block.attn.rel_pos_h.normal_()
+            block.attn.rel_pos_w.normal_()
+        big.image_encoder.pos_embed.normal_()
+    state = big.state_dict()
+    adapted = checkpoint_filter_fn(state, small)
+    assert adapted["image_encoder.pos_embed"].shape == (1, 8, 8, 32)
+    assert adapted["image_encoder.blocks.1.attn.rel_pos_h"].shape == (15, 16)
+    # windowed blocks keep their 27-entry tables; everything else is passed through untouched
+    assert adapted["image_encoder.blocks.0.attn.rel_pos_h"] is state["image_encoder.blocks.0.attn.rel_pos_h"]
+    small.load_state_dict(adapted, strict=True)
+    # a constant position embedding stays constant; a linear ramp stays a ramp
+    const = {"image_encoder.pos_embed": torch.full((1, 16, 16, 32), 3.0)}
+    out = checkpoint_filter_fn(const, small)["image_encoder.pos_embed"]
+    torch.testing.assert_close(out, torch.full((1, 8, 8, 32), 3.0))
+    assert checkpoint_filter_fn(state, big)["image_encoder.pos_embed"] is state["image_encoder.pos_embed"]
+
+
+@pytest.mark.parametrize("mode", ["auto", "gt"])
+def test_tiny_shapes_and_finite(mode):
+    torch.manual_seed(0)
+    model = build_model("tiny", pretrained=False, prompt_mode=mode, num_classes=3)
+    x = torch.randn(2, 1, 4, 64, 64)
+    labels = torch.randint(0, 3, (2, 4, 64, 64))
+    out = model(x, gt_prompts(labels, 3) if mode == "gt" else None)
+    q = 8 if mode == "auto" else 3
+    assert out["pred_logits"].shape == (2, q, 4, 4)
+    assert out["pred_masks"].shape == (2, q, 4, 64, 64)
+    assert out["prompt_boxes"].shape == (2, q, 4, 4)
+    if mode == "auto":
+        assert out["aux_masks"].shape == (2, 8, 4, 64, 64)
+        assert out["aux_boxes"].shape == (2, 8, 4, 4)
+        assert ((out["aux_boxes"] >= 0) & (out["aux_boxes"] <= 1)).all()
+    else:
+        assert "aux_masks" not in out
+        # gt prompts: the boxes are the label boxes
+        expected, _ = mask_boxes(gt_prompts(labels, 3)["masks"])
+        torch.testing.assert_close(out["prompt_boxes"], expected)
+    for value in out.values():
+        assert torch.isfinite(value).all()
+    scores = semantic_scores(out["pred_logits"], out["pred_masks"])
+    assert scores.shape == (2, 3, 4, 64, 64)
+
+
+def test_bf16_autocast_has_no_nans():
+    torch.manual_seed(0)
+    model = build_model("tiny", pretrained=False)
+    x = torch.randn(1, 1, 4, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    for key, value in out.items():
+        assert torch.isfinite(value.float()).all(), key
+
+
+def _loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    # touch every output so that every trainable part is on a gradient path
+    return sum((v.float() ** 2).mean() for v in out.values() if v.requires_grad)  # type: ignore[return-value]
+
+
+def test_every_trainable_parameter_gets_a_gradient_and_sam_stays_frozen():
+    torch.manual_seed(0)
+    model = build_model("tiny", pretrained=False)
+    model.train()
+    assert not model.sam.training, "the frozen SAM must stay in eval mode"
+    sam_before = {k: v.clone() for k, v in model.sam.state_dict().items()}
+    # every parameter goes to the optimiser: frozen ones must still not move
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    x = torch.randn(2, 1, 4, 64, 64)
+    for _ in range(2):  # the second step sees non-zero adapter outputs (they start at zero)
+        opt.zero_grad()
+        _loss(model(x)).backward()
+        opt.step()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(not n.startswith("sam.") for n, _ in trainable)
+    missing = [n for n, p in trainable if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+    assert all(p.grad is None for p in model.sam.parameters())
+    for k, v in model.sam.state_dict().items():
+        assert torch.equal(v, sam_before[k]), k
+    assert set(model.trainable_state_dict()) == {
+        k for k in model.state_dict() if not k.startswith("sam.")
+    }
+
+
+def test_new_model_encoder_equals_frozen_encoder():
+    """Adapters start at zero: the adapted encoder computes SAM's own features."""
+    torch.manual_seed(0)
+    model = build_model("tiny", pretrained=False).eval()
+    images = torch.randn(8, 3, 64, 64)
+    neck, feats = model.encoder_adapters(model.sam.image_encoder, images, 4)
+    torch.testing.assert_close(neck, model.sam.image_encoder(images), rtol=1e-5, atol=1e-5)
+    assert len(feats) == 4 and feats[0].shape == (8, 48, 8, 8)
+
+
+def test_zero_shot_equals_base_sam_exactly():
+    torch.manual_seed(0)
+    model = build_model("tiny", pretrained=False).eval()
+    with torch.no_grad():  # train-like adapter weights: zero-shot must ignore them
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.1)
+    sam = model.sam
+    images = torch.randn(3, 3, 64, 64)
+    boxes = torch.tensor([[[4.0, 6.0, 40.0, 50.0], [10.0, 10.0, 20.0, 30.0]]]).repeat(3, 1, 1)
+    with torch.no_grad():
+        ours = model.zero_shot(images, boxes)
+        emb = sam.image_encoder(images)
+        ref = []
+        for i in range(3):
+            sparse, dense = sam.prompt_encoder(points=None, boxes=boxes[i], masks=None)
+            masks, _ = sam.mask_decoder(
+                image_embeddings=emb[i : i + 1],
+                image_pe=sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            ref.append(masks[:, 0])
+    assert ours.shape == (3, 2, 32, 32)
+    assert torch.equal(ours, torch.stack(ref))
+
+
+def test_adapted_decoder_with_adapters_off_equals_sam_decoder():
+    """The 3D decoder re-runs SAM's two-way transformer; with adapters off and no
+    classifier token it must compute SAM's own masks (to fp32 rounding)."""
+    torch.manual_seed(0)
+    model = build_model("tiny", pretrained=False).eval()
+    sam = model.sam
+    images = torch.randn(2, 3, 64, 64)
+    boxes = torch.tensor([[[4.0, 6.0, 40.0, 50.0], [10.0, 10.0, 20.0, 30.0]]]).repeat(2, 1, 1)
+    with torch.no_grad():
+        ref = model.zero_shot(images, boxes)
+        emb = sam.image_encoder(images).repeat_interleave(2, dim=0)
+        sparse, dense = sam.prompt_encoder(points=None, boxes=boxes.reshape(4, 4), masks=None)
+        pe = sam.prompt_encoder.get_dense_pe().expand(4, -1, -1, -1)
+        ours, logits = model.decoder_adapters(
+            sam.mask_decoder, emb, pe, sparse, dense, None, 1, enabled=False, with_classifier=False
+        )
+    assert logits is None
+    torch.testing.assert_close(ours.reshape(2, 2, 32, 32), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gt_prompts_one_mask_per_class():
+    labels = torch.tensor([[[[0, 1], [2, 2]]]])  # (B=1, T=1, 2, 2)
+    masks = gt_prompts(labels, 3)["masks"]
+    assert masks.shape == (1, 3, 1, 2, 2)
+    assert masks.sum() == 4 and masks[0, 2, 0, 1].all()
+
+
+def test_mask_boxes_against_numpy():
+    rng = np.random.default_rng(0)
+    m = np.zeros((5, 20, 30), bool)
+    for i in range(4):
+        y0, x0 = rng.integers(0, 15), rng.integers(0, 25)
+        m[i, y0 : y0 + rng.integers(1, 5), x0 : x0 + rng.integers(1, 5)] = True
+    boxes, present = mask_boxes(torch.from_numpy(m))
+    for i in range(5):
+        ys, xs = np.nonzero(m[i])
+        if len(ys) == 0:
+            assert not present[i] and boxes[i].abs().sum() == 0
+            continue
+        expected = [xs.min() / 30, ys.min() / 20, (xs.max() + 1) / 30, (ys.max() + 1) / 20]
+        np.testing.assert_allclose(boxes[i].numpy(), expected, rtol=1e-6)
+
+
+def test_semantic_scores_against_loop():
+    torch.manual_seed(0)
+    cls = torch.randn(1, 3, 2, 5)  # Q=3, T=2, C+1=5
+    masks = torch.randn(1, 3, 2, 4, 4)
+    scores = semantic_scores(cls, masks)
+    ref = torch.zeros(1, 4, 2, 4, 4)
+    for q in range(3):
+        for t in range(2):
+            p = cls[0, q, t].softmax(-1)
+            for c in range(4):
+                ref[0, c, t] += p[c] * masks[0, q, t].sigmoid()
+    torch.testing.assert_close(scores, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "preset,overrides,in_plane",
+    [
+        ("acdc", {"patch_size": (4, 64, 64), "sam_image_size": 256}, 64),
+        ("synapse", {"patch_size": (2, 64, 64), "sam_image_size": 64}, 64),
+        ("amos", {"patch_size": (2, 64, 64), "sam_image_size": 64}, 64),
+    ],
+)
+def test_paper_presets_forward_at_reduced_size(preset, overrides, in_plane):
+    torch.manual_seed(0)
+    model = build_model(preset, pretrained=False, **overrides).eval()
+    t = overrides["patch_size"][0]
+    x = torch.randn(1, 1, t, in_plane, in_plane)
+    with torch.no_grad():
+        out = model(x)
+    q = model.num_queries
+    assert out["pred_masks"].shape == (1, q, t, in_plane, in_plane)
+    assert out["pred_logits"].shape == (1, q, t, model.num_classes + 1)
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+PAPER_TUNABLE = {"acdc": 21e6, "synapse": 65e6, "amos": 66e6}
+
+
+@pytest.mark.parametrize("preset", sorted(PAPER_TUNABLE))
+def test_tunable_parameters_match_paper(preset, capsys):
+    assert cli_main(["info", "--preset", preset, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["preset"] == preset
+    assert {"backbone", "tunable_params", "frozen_params", "total_params"} <= set(info)
+    assert info["total_params"] == info["tunable_params"] + info["frozen_params"]
+    assert abs(info["tunable_params"] / PAPER_TUNABLE[preset] - 1) < 0.15
+
+
+def test_frozen_params_are_sam():
+    with torch.device("meta"):
+        model = build_model("acdc", pretrained=False)
+        sam = build_backbone("vit_b", image_size=1024)
+    assert sum(p.numel() for p in model.parameters() if not p.requires_grad) == sum(
+        p.numel() for p in sam.parameters()
+    )
+
+
+def test_bad_settings_give_clear_errors():
+    with pytest.raises(ModelError, match="unknown preset 'nope'; choose one of"):
+        build_model("nope", pretrained=False)
+    with pytest.raises(ModelError, match="unknown setting"):
+        build_model("tiny", pretrained=False, patch_sise=(4, 64, 64))
+    with pytest.raises(ModelError, match="prompt mode"):
+        build_model("tiny", pretrained=False, prompt_mode="clicks")
+    with pytest.raises(ModelError, match="cannot be built"):
+        build_model("tiny", pretrained=False, patch_size=(4, 48, 64))
+    with pytest.raises(ModelError, match="no pretrained weights"):
+        from masksam_core.modeling import load_sam_backbone
+
+        load_sam_backbone("tiny", checkpoint="x.pth")
