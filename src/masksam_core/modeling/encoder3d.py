@@ -140,10 +140,9 @@ class TinyViTAdapters(nn.Module):
         }
 
         def add_depth(tokens: torch.Tensor) -> torch.Tensor:
-            nt, length, c = tokens.shape
-            return (tokens.reshape(nt // depth, depth, length, c) + self.depth_embed[:, :, None]).reshape(
-                nt, length, c
-            )
+            nt, h, w, c = tokens.shape
+            vol = tokens.reshape(nt // depth, depth, h, w, c) + self.depth_embed[:, :, None, None]
+            return vol.reshape(nt, h, w, c)
 
         neck, stages = encoder.forward_features(x, adapters=adapters, stage_input_hook=add_depth)
         return neck, stages[::-1]
