@@ -68,13 +68,13 @@ def test_tiny_shapes_and_finite(mode):
     x = torch.randn(2, 1, 4, 64, 64)
     labels = torch.randint(0, 3, (2, 4, 64, 64))
     out = model(x, gt_prompts(labels, 3) if mode == "gt" else None)
-    q = 8 if mode == "auto" else 3
+    q = 10 if mode == "auto" else 3
     assert out["pred_logits"].shape == (2, q, 4, 4)
     assert out["pred_masks"].shape == (2, q, 4, 64, 64)
     assert out["prompt_boxes"].shape == (2, q, 4, 4)
     if mode == "auto":
-        assert out["aux_masks"].shape == (2, 8, 4, 64, 64)
-        assert out["aux_boxes"].shape == (2, 8, 4, 4)
+        assert out["aux_masks"].shape == (2, 10, 4, 64, 64)
+        assert out["aux_boxes"].shape == (2, 10, 4, 4)
         assert ((out["aux_boxes"] >= 0) & (out["aux_boxes"] <= 1)).all()
     else:
         assert "aux_masks" not in out

@@ -18,6 +18,8 @@ from .errors import MaskSAMError
 
 def build_parser() -> argparse.ArgumentParser:
     from . import info, weights
+    from .data import dataset
+    from .training import cli as train
 
     parser = argparse.ArgumentParser(
         prog="masksam-core",
@@ -26,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (info, weights):
+    for module in (info, weights, dataset, train):
         module.add_cli(sub)
     return parser
 

@@ -78,7 +78,7 @@ register_preset(Preset(
     description="LiteMedSAM (TinyViT, 5.7M) at 256²; 8 slices, 16 queries; fast on small GPUs and CPUs",
 ))
 register_preset(Preset(
-    name="tiny", backbone="tiny", patch_size=(4, 64, 64), sam_image_size=64, num_queries=8,
+    name="tiny", backbone="tiny", patch_size=(4, 64, 64), sam_image_size=64, num_queries=10,
     num_classes=3, epochs=20, decoder_stages=4, decoder_widths=(32, 32, 16, 16), num_points=32 * 32 * 2,
     description="small random ViT for tests and quick CPU runs (no pretrained weights)",
 ))

@@ -1,0 +1,387 @@
+"""Reading and writing 3D images and label maps with their geometry (NIfTI, 3D TIFF).
+
+One module serves the command line, the trainer and the napari plugin.
+
+Axis convention (project-wide): an array in memory has axes **(Z, Y, X)**, axis 0 the slice axis.
+
+* NIfTI: nibabel's array has the file's voxel axes (i, j, k). ``read_image`` returns
+  ``data.transpose(2, 1, 0)``, so ``array[z, y, x] == nibabel_array[x, y, z]`` with
+  (i, j, k) = (x, y, z); writing transposes back. ``ImageGeometry.affine`` is the file's own
+  affine and maps the *file* voxel index (i, j, k) = (x, y, z) -- the reversed array index -- to
+  world millimetres: ``world = affine @ [x, y, z, 1]``.
+* TIFF: tifffile's stack is already (Z, Y, X); the affine is ``diag(sx, sy, sz, 1)``, so the same
+  rule (file index = reversed array index) holds for both formats.
+
+``spacing`` is (sz, sy, sx) in mm: the lengths of the affine's columns k, j, i.
+
+Sidecar files: a TIFF's spacing can come from ``<file>.json`` (``scan.tif.json``) or, as nnU-Net v2
+writes it, ``<stem>.json`` (``scan.json``), holding ``{"spacing": [sz, sy, sx]}``; class names
+are written to ``<stem>.classes.json``. Readers are chosen by :func:`image_format`; a DICOM reader
+can be added to ``_READERS`` under the format ``"dicom"`` (folders and ``.dcm`` files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import tifffile
+
+from .errors import MaskSAMError
+
+__all__ = ["ImageGeometry", "classes_sidecar", "compare_geometry", "image_format", "read_geometry",
+           "read_image", "spacing_sidecar", "write_image", "write_labels"]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+TIFF_SUFFIXES = (".tif", ".tiff")
+SUPPORTED = "NIfTI (.nii, .nii.gz) or 3D TIFF (.tif, .tiff)"
+_UNIT_MM = {"mm": 1.0, "millimeter": 1.0, "millimetre": 1.0, "cm": 10.0, "m": 1000.0, "nm": 1e-6,
+            "um": 1e-3, "micron": 1e-3, "microns": 1e-3, "\u00b5m": 1e-3, "\\u00b5m": 1e-3}
+
+
+@dataclass
+class ImageGeometry:
+    """Where a (Z, Y, X) array lives in the world, and how to write it back.
+
+    affine: (4, 4) float64, file voxel index (i, j, k) = (x, y, z) -> world mm (see module doc).
+    spacing: (sz, sy, sx) mm. shape: (Z, Y, X). format: ``'nifti'`` or ``'tiff'``.
+    header: the nibabel header (NIfTI) or None. source: the file read, or None.
+    """
+
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    format: str = "nifti"
+    header: Any = field(default=None, repr=False)
+    source: Path | None = None
+
+    @classmethod
+    def from_spacing(cls, shape: tuple[int, ...], spacing: tuple[float, ...] = (1.0, 1.0, 1.0),
+                     format: str = "nifti") -> ImageGeometry:
+        """Axis-aligned geometry for a (Z, Y, X) array of ``shape`` with (sz, sy, sx) ``spacing``."""
+        sz, sy, sx = (float(s) for s in spacing)
+        return cls(np.diag([sx, sy, sz, 1.0]), (sz, sy, sx), _shape3(shape), format)
+
+    @property
+    def origin(self) -> np.ndarray:
+        """World position (mm) of voxel (0, 0, 0), shape (3,)."""
+        return self.affine[:3, 3].copy()
+
+
+def _shape3(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(shape) != 3:
+        raise MaskSAMError(f"expected a 3D (Z, Y, X) shape, got {tuple(shape)}")
+    return (int(shape[0]), int(shape[1]), int(shape[2]))
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """``'nifti'``, ``'tiff'`` or ``'dicom'`` (a folder or ``.dcm`` file) from ``path``'s suffix."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(TIFF_SUFFIXES):
+        return "tiff"
+    if path.is_dir() or name.endswith(".dcm"):
+        return "dicom"
+    raise MaskSAMError(f"{path}: unsupported file type; give a {SUPPORTED} file")
+
+
+def _split_suffix(path: Path) -> tuple[str, str]:
+    """(stem, suffix) where suffix is the full image suffix (``.nii.gz`` counts as one)."""
+    name = path.name
+    for suffix in NIFTI_SUFFIXES + TIFF_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)], name[-len(suffix):]
+    return path.stem, path.suffix
+
+
+def spacing_sidecar(path: str | os.PathLike) -> Path:
+    """The spacing sidecar written next to a TIFF: ``scan.tif`` -> ``scan.tif.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def classes_sidecar(path: str | os.PathLike) -> Path:
+    """The class-names sidecar of a label file: ``seg.nii.gz`` -> ``seg.classes.json``."""
+    path = Path(path)
+    return path.with_name(_split_suffix(path)[0] + ".classes.json")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _check_3d(shape: tuple[int, ...], path: Path, order: str) -> None:
+    if len(shape) != 3:
+        kind = f"{len(shape)}D" if len(shape) else "empty"
+        raise MaskSAMError(
+            f"{path}: found a {kind} image of shape {tuple(shape)}; expected a 3D volume "
+            f"({order}). Give one 3D file per channel (nnU-Net layout: case_0000, case_0001, ...), "
+            "and stack 2D slices into a 3D file first.")
+
+
+def _nifti_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Drop singleton axes beyond the third ((X, Y, Z, 1) is a 3D volume)."""
+    return tuple(shape[:3]) if len(shape) > 3 and set(shape[3:]) == {1} else tuple(shape)
+
+
+def _load_nifti(path: Path) -> nib.Nifti1Image:
+    try:
+        return nib.load(path)
+    except Exception as error:  # nibabel raises many types for broken files
+        raise MaskSAMError(f"{path}: cannot read this NIfTI file ({error}); the file is corrupt, "
+                           "truncated or not NIfTI: re-export or re-download it") from error
+
+
+def _nifti_geometry(img: Any, path: Path) -> ImageGeometry:
+    shape = _nifti_shape(img.shape)
+    _check_3d(shape, path, "NIfTI axes i, j, k")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    sx, sy, sz = (float(v) for v in nib.affines.voxel_sizes(affine))
+    return ImageGeometry(affine, (sz, sy, sx), _shape3(shape[::-1]), "nifti", img.header, path)
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, ImageGeometry]:
+    img = _load_nifti(path)
+    geometry = _nifti_geometry(img, path)
+    try:
+        data = np.asanyarray(img.dataobj)  # scaled by scl_slope/inter; raw dtype when unscaled
+    except Exception as error:
+        raise MaskSAMError(f"{path}: the voxel data cannot be read ({error}); the file is corrupt "
+                           "or truncated: re-export or re-download it") from error
+    data = data.reshape(_nifti_shape(data.shape))
+    return np.ascontiguousarray(data.transpose(2, 1, 0)), geometry
+
+
+def _tiff_spacing(path: Path, tif: tifffile.TiffFile) -> tuple[float, float, float]:
+    """(sz, sy, sx) from a sidecar JSON, else ImageJ metadata, else 1.0 with a warning."""
+    for sidecar in (spacing_sidecar(path), path.with_name(_split_suffix(path)[0] + ".json")):
+        if sidecar.is_file():
+            try:
+                spacing = tuple(float(s) for s in json.loads(sidecar.read_text())["spacing"])
+            except (ValueError, KeyError, TypeError) as error:
+                raise MaskSAMError(f"{sidecar}: expected JSON like {{\"spacing\": [sz, sy, sx]}} "
+                                   f"({error}); fix or delete this file") from error
+            if len(spacing) != 3 or min(spacing) <= 0:
+                raise MaskSAMError(f"{sidecar}: 'spacing' must be 3 positive numbers [sz, sy, sx] "
+                                   f"in mm, got {list(spacing)}")
+            return spacing  # type: ignore[return-value]
+    meta, tags = tif.imagej_metadata or {}, tif.pages[0].tags
+    if meta and "XResolution" in tags and "YResolution" in tags:  # pixels per unit, as (num, den)
+        unit = str(meta.get("unit", "mm")).strip().lower()
+        if unit not in _UNIT_MM:
+            warnings.warn(f"{path}: unknown ImageJ unit {unit!r}; taking it as mm", stacklevel=3)
+        scale = _UNIT_MM.get(unit, 1.0)
+        (ny, dy), (nx, dx) = tags["YResolution"].value, tags["XResolution"].value
+        return (float(meta.get("spacing", 1.0)) * scale, dy / ny * scale if ny else scale,
+                dx / nx * scale if nx else scale)
+    warnings.warn(f"{path}: no spacing found (no {spacing_sidecar(path).name} sidecar, no ImageJ "
+                  "metadata); using 1.0 mm. Write {\"spacing\": [sz, sy, sx]} to "
+                  f"{spacing_sidecar(path).name} to set it.", stacklevel=3)
+    return (1.0, 1.0, 1.0)
+
+
+def _tiff(path: Path, load: bool) -> tuple[np.ndarray | None, ImageGeometry]:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            if series.axes.endswith("S"):  # (..., Y, X, samples): colour pixels
+                raise MaskSAMError(f"{path}: a colour (RGB) image of shape {series.shape}; "
+                                   "save a greyscale 3D stack (Z, Y, X) instead")
+            _check_3d(tuple(series.shape), path, f"Z, Y, X; this file's axes are {series.axes}")
+            spacing = _tiff_spacing(path, tif)
+            data = np.ascontiguousarray(series.asarray()) if load else None
+    except MaskSAMError:
+        raise
+    except Exception as error:
+        raise MaskSAMError(f"{path}: cannot read this TIFF file ({error}); the file is corrupt, "
+                           "truncated or not a TIFF: re-export it") from error
+    sz, sy, sx = spacing
+    geometry = ImageGeometry(np.diag([sx, sy, sz, 1.0]), spacing, _shape3(series.shape), "tiff",
+                             None, path)
+    return data, geometry
+
+
+# format -> (reader of (array (Z, Y, X), geometry), reader of the geometry alone)
+_READERS: dict[str, tuple[Callable[[Path], tuple[np.ndarray, ImageGeometry]],
+                          Callable[[Path], ImageGeometry]]] = {
+    "nifti": (_read_nifti, lambda path: _nifti_geometry(_load_nifti(path), path)),
+    "tiff": (lambda path: _tiff(path, load=True), lambda path: _tiff(path, load=False)[1]),
+}
+
+
+def _existing(path: str | os.PathLike) -> tuple[Path, str]:
+    path = Path(path)
+    fmt = image_format(path)
+    if not path.exists():
+        raise MaskSAMError(f"{path}: file not found; check the path")
+    if fmt not in _READERS:
+        raise MaskSAMError(f"{path}: {fmt.upper()} input is not supported here; convert it to "
+                           f"{SUPPORTED} (e.g. dcm2niix for DICOM)")
+    return path, fmt
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageGeometry]:
+    """Read a 3D image or label map: (array (Z, Y, X), geometry).
+
+    NIfTI values are scaled as nibabel does (integer files without scaling stay integer); TIFF
+    spacing comes from a sidecar JSON, ImageJ metadata or defaults to 1.0 mm with a warning.
+    Raises MaskSAMError for missing, unsupported, corrupt, 2D or 4D+ files.
+    """
+    path, fmt = _existing(path)
+    return _READERS[fmt][0](path)
+
+
+def read_geometry(path: str | os.PathLike) -> ImageGeometry:
+    """The geometry of an image file, reading only its header (no voxel data)."""
+    path, fmt = _existing(path)
+    return _READERS[fmt][1](path)
+
+
+def compare_geometry(a: ImageGeometry, b: ImageGeometry, *, spacing_rtol: float = 1e-3,
+                     origin_atol: float = 1e-2, direction_atol: float = 1e-3) -> str | None:
+    """Why ``a`` and ``b`` do not describe the same voxel grid, or None when they do (in tolerance)."""
+    if a.shape != b.shape:
+        return f"shape {a.shape} vs {b.shape} (Z, Y, X)"
+    if not np.allclose(a.spacing, b.spacing, rtol=spacing_rtol, atol=0):
+        return (f"spacing {np.round(a.spacing, 4).tolist()} vs {np.round(b.spacing, 4).tolist()} "
+                "mm (sz, sy, sx)")
+    if not np.allclose(a.origin, b.origin, rtol=0, atol=origin_atol):
+        return f"origin {np.round(a.origin, 3).tolist()} vs {np.round(b.origin, 3).tolist()} mm"
+    da = a.affine[:3, :3] / np.maximum(np.linalg.norm(a.affine[:3, :3], axis=0), 1e-12)
+    db = b.affine[:3, :3] / np.maximum(np.linalg.norm(b.affine[:3, :3], axis=0), 1e-12)
+    if not np.allclose(da, db, rtol=0, atol=direction_atol):
+        return f"axis directions differ ({np.round(da, 3).tolist()} vs {np.round(db, 3).tolist()})"
+    return None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _output_format(path: Path) -> str:
+    if not path.name.lower().endswith(NIFTI_SUFFIXES + TIFF_SUFFIXES):
+        raise MaskSAMError(f"{path}: cannot write this file type; name it .nii.gz, .nii, .tif or .tiff")
+    return image_format(path)
+
+
+def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
+    for target in paths:
+        if target.exists() and not overwrite:
+            raise MaskSAMError(f"{target} already exists; pass --overwrite (overwrite=True) to "
+                               "replace it, or choose another output name")
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file next to ``path``, then rename it onto ``path``."""
+    stem, suffix = _split_suffix(path)
+    tmp = path.with_name(f".{stem}.{secrets.token_hex(4)}.tmp{suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as error:
+        raise MaskSAMError(f"{path}: cannot write ({error}); check the folder exists, is writable "
+                           "and has free space") from error
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
+
+
+def _save_nifti(tmp: Path, data_zyx: np.ndarray, geometry: ImageGeometry, intent: str) -> None:
+    """Write (Z, Y, X) data as NIfTI with ``geometry``'s header and exact affine, unscaled."""
+    data = data_zyx.transpose(2, 1, 0)  # -> file order (i, j, k) = (x, y, z)
+    header, affine = geometry.header, np.asarray(geometry.affine, dtype=np.float64)
+    klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    if not isinstance(header, nib.Nifti1Header):
+        header = klass(data, affine).header  # fresh header: sform code 2 (aligned)
+    header = header.copy()
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(data.dtype)
+    header.set_slope_inter(1.0, 0.0)
+    header.set_intent(intent)
+    header["cal_min"], header["cal_max"] = 0.0, 0.0
+    if not np.array_equal(header.get_best_affine(), affine):  # a changed affine: keep the codes
+        qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+        header.set_sform(affine, code=scode or 2)
+        if qcode:
+            header.set_qform(affine, code=qcode)
+    img = klass(data, None, header=header)  # affine None: the header is written verbatim
+    img.set_data_dtype(data.dtype)
+    img.to_filename(tmp)
+
+
+def _save_tiff(tmp: Path, data_zyx: np.ndarray, geometry: ImageGeometry) -> None:
+    """Write (Z, Y, X) data as an ImageJ hyperstack with its spacing in mm."""
+    sz, sy, sx = geometry.spacing
+    tifffile.imwrite(tmp, data_zyx, imagej=True, resolution=(1.0 / sx, 1.0 / sy),
+                     metadata={"spacing": sz, "unit": "mm", "axes": "ZYX"})
+
+
+def _write_volume(path: Path, data: np.ndarray, geometry: ImageGeometry, overwrite: bool,
+                  intent: str, extra: dict[Path, dict[str, Any]]) -> Path:
+    fmt = _output_format(path)
+    if fmt == "tiff":
+        extra = {spacing_sidecar(path): {"spacing": [float(s) for s in geometry.spacing]}, **extra}
+    _refuse_existing([path, *extra], overwrite)
+    if fmt == "nifti":
+        _atomic(path, lambda tmp: _save_nifti(tmp, data, geometry, intent))
+    else:
+        _atomic(path, lambda tmp: _save_tiff(tmp, data, geometry))
+    for sidecar, content in extra.items():
+        _write_json(sidecar, content)
+    return path
+
+
+def _check_shape(array: np.ndarray, geometry: ImageGeometry, what: str) -> None:
+    if array.ndim != 3 or tuple(array.shape) != tuple(geometry.shape):
+        raise MaskSAMError(f"{what} of shape {tuple(array.shape)} do not match the image geometry "
+                           f"{tuple(geometry.shape)} (Z, Y, X); write one 3D volume of the image's "
+                           "shape")
+
+
+def write_labels(path: str | os.PathLike, labels: np.ndarray, geometry: ImageGeometry, *,
+                 class_names: dict[int, str] | None = None, overwrite: bool = False) -> Path:
+    """Write a label map (Z, Y, X) of integers >= 0 with ``geometry``; returns ``path``.
+
+    NIfTI: the geometry's header and exact affine (qform/sform codes kept), dtype uint8 when the
+    maximum is below 256 else int16, no intensity scaling. TIFF: uint8/uint16 ImageJ stack with
+    spacing plus the ``<file>.json`` sidecar. ``class_names`` go to ``<stem>.classes.json``.
+    The file is written to a temporary name in the same folder and renamed (atomic).
+    """
+    path, labels = Path(path), np.asarray(labels)
+    _check_shape(labels, geometry, "labels")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise MaskSAMError(f"labels have dtype {labels.dtype}; pass integer class ids (e.g. the "
+                           "argmax of the probabilities)")
+    low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    limit = 32767 if _output_format(path) == "nifti" else 65535
+    if low < 0 or high > limit:
+        raise MaskSAMError(f"label values must lie in 0..{limit}, found {low}..{high}")
+    dtype = np.uint8 if high < 256 else (np.int16 if limit == 32767 else np.uint16)
+    extra = {}
+    if class_names is not None:
+        extra[classes_sidecar(path)] = {str(int(k)): str(v) for k, v in sorted(class_names.items())}
+    return _write_volume(path, labels.astype(dtype), geometry, overwrite, "label", extra)
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray, geometry: ImageGeometry, *,
+                overwrite: bool = False) -> Path:
+    """Write a float image (Z, Y, X) as float32 with ``geometry`` (atomic, like write_labels)."""
+    path, array = Path(path), np.asarray(array)
+    _check_shape(array, geometry, "image values")
+    return _write_volume(path, array.astype(np.float32), geometry, overwrite, "none", {})

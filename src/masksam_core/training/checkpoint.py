@@ -1,0 +1,142 @@
+"""Training checkpoints: small (trainable weights only), atomic, and enough to resume or predict.
+
+A checkpoint is a dict saved with ``torch.save``:
+
+* ``format``: :data:`FORMAT`; ``kind``: ``"masksam-run"``;
+* ``model``: the trainable state (``MaskSAM.trainable_state_dict()``), never SAM's weights;
+* ``build``: the arguments that rebuild the network (preset, overrides, num_classes,
+  in_channels, prompt_mode);
+* ``base_weights``: name and sha256 of the frozen base weights it was trained on;
+* ``plans``: the preprocessing plans; ``class_names``;
+* ``optimizer``, ``scheduler``, ``scaler``, ``rng``: the training state;
+* ``epoch`` (epochs finished), ``iteration`` (iterations finished in the current epoch),
+  ``best`` (best validation score so far), ``config`` (the training settings).
+
+Files are written to a temporary name in the same folder and renamed, so a crash never
+leaves a half-written checkpoint. Files are read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import MaskSAMError
+
+FORMAT = 1
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator the training loop uses, as tensors and plain values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": _python_state_to_list(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(_python_state_from_list(state["python"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_list(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_state_from_list(state: list) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a run checkpoint (``weights_only=True``) with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise MaskSAMError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise MaskSAMError(
+            f"cannot read checkpoint {path} ({type(error).__name__}: {error}); the file is corrupt or "
+            "not a MaskSAM checkpoint: use checkpoint_best.pt / checkpoint_last.pt of a run folder"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "masksam-run":
+        raise MaskSAMError(f"{path} is not a MaskSAM run checkpoint (made by `masksam-core train`)")
+    if ckpt.get("format", 0) > FORMAT:
+        raise MaskSAMError(f"{path} was written by a newer napari-masksam: upgrade the package to read it")
+    return ckpt
+
+
+def base_weights_info(sam: torch.nn.Module) -> dict[str, Any]:
+    """Name and sha256 of the frozen base weights a model was built on (``None``: random)."""
+    from .. import weights
+
+    source = getattr(sam, "weights", None)
+    if not source:
+        return {"name": sam.name, "sha256": None, "path": None}
+    name, path = source["name"], source["path"]
+    entry = weights.WEIGHTS.get(name)
+    if entry is not None and Path(path).stat().st_size == entry.size and weights.is_cached(name):
+        digest = entry.sha256
+    else:
+        digest = weights.sha256sum(path)
+    return {"name": name, "sha256": digest, "path": path}
+
+
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: Any = "checkpoint") -> None:
+    """Load a trainable-only state dict; every non-SAM key must match exactly."""
+    expected = {k for k in model.state_dict() if not k.startswith("sam.")}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise MaskSAMError(
+            f"{source} does not fit this model ({len(missing)} missing, {len(unexpected)} unexpected "
+            f"parameters, e.g. {(missing + unexpected)[:3]}): was it trained with other settings?"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def truncate_metrics(path: Path, epochs: int) -> None:
+    """Keep only the metrics lines of epochs ≤ ``epochs`` (after resuming from a checkpoint)."""
+    import json
+
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epochs]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)

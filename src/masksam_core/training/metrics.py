@@ -1,0 +1,59 @@
+"""Training metrics: Dice per class and the loss/Dice curves of a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """Dice of each label value 0..C-1 between two label maps of the same shape.
+
+    Returns (C,) float64; NaN where the class is absent from both (nothing to score).
+    """
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
+    p = pred.reshape(-1).astype(np.int64)
+    t = truth.reshape(-1).astype(np.int64)
+    inter = np.bincount(p[p == t], minlength=num_classes)[:num_classes].astype(np.float64)
+    sizes = (np.bincount(p, minlength=num_classes)[:num_classes] + np.bincount(t, minlength=num_classes)[:num_classes])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sizes > 0, 2 * inter / sizes, np.nan)
+
+
+def write_curves(metrics_path: Path, png_path: Path) -> None:
+    """Plot loss terms and validation Dice per class against epochs (``curves.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
+    keys = [k for k in rows[-1] if k == "loss" or k.startswith("loss_")]
+    for key in keys:
+        ax_loss.plot(epochs, [r.get(key, np.nan) for r in rows], label=key, lw=2 if key == "loss" else 1)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss (unweighted terms; 'loss' is the weighted total)")
+    ax_loss.set_yscale("log")
+    ax_loss.legend(fontsize=7)
+    names = sorted({n for r in rows for n in (r.get("val_dice") or {})})
+    for name in names:
+        ax_dice.plot(epochs, [((r.get("val_dice") or {}).get(name) or np.nan) for r in rows], label=name)
+    if any("val_mean_dice" in r for r in rows):
+        ax_dice.plot(epochs, [r.get("val_mean_dice", np.nan) for r in rows], "k", lw=2, label="mean")
+    ax_dice.set_xlabel("epoch")
+    ax_dice.set_ylabel("validation Dice")
+    ax_dice.set_ylim(0, 1)
+    if names:
+        ax_dice.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(png_path)
