@@ -140,3 +140,49 @@ def truncate_metrics(path: Path, epochs: int) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
+
+
+def resolve_run(path: str | Path) -> Path:
+    """A run folder (its checkpoint_best.pt, else checkpoint_last.pt) or a checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise MaskSAMError(f"{path} holds no checkpoint_best.pt or checkpoint_last.pt: is it a training run folder?")
+    return path
+
+
+def load_run(path: str | Path, *, base_checkpoint: str | Path | None = None,
+             device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a trained MaskSAM from a run folder or checkpoint file, in eval mode.
+
+    The frozen base weights come from the weights cache (or ``base_checkpoint``) and must
+    have the sha256 recorded at training time; random base weights (``tiny``) are stored
+    in the checkpoint itself. Returns (model, checkpoint dict).
+    """
+    from .. import weights
+    from ..modeling import build_model
+
+    file = resolve_run(path)
+    ckpt = load_checkpoint(file)
+    build = ckpt["build"]
+    base = ckpt.get("base_weights") or {}
+    pretrained = ckpt.get("sam") is None
+    model = build_model(build["preset"], base_checkpoint, num_classes=build["num_classes"],
+                        in_channels=build["in_channels"], prompt_mode=build["prompt_mode"],
+                        pretrained=pretrained, **build["overrides"])
+    if pretrained:
+        src = model.sam.weights or {}
+        expected = base.get("sha256")
+        entry = weights.WEIGHTS.get(src.get("name", ""))
+        found = entry.sha256 if entry is not None and base_checkpoint is None else weights.sha256sum(src["path"])
+        if expected and found != expected:
+            raise MaskSAMError(
+                f"{file} was trained on base weights {base.get('name')} with sha256 {expected[:12]}..., but "
+                f"{src.get('path')} has sha256 {found[:12]}...: pass the original file with --base-checkpoint"
+            )
+    else:
+        model.sam.load_state_dict(ckpt["sam"], strict=True)
+    load_trainable(model, ckpt["model"], source=file)
+    return model.to(device).eval(), ckpt

@@ -150,6 +150,8 @@ class Trainer:
                 "prompt_mode": self.config.prompt_mode,
             },
             "base_weights": ckpt_io.base_weights_info(sam),
+            # random base weights (the tiny backbone) cannot be fetched again: keep them
+            "sam": None if sam.weights else {k: v for k, v in sam.state_dict().items()},
             "plans": data.plans,
             "class_names": data.class_names,
             "optimizer": self.optimizer.state_dict(),
