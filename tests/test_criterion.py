@@ -39,7 +39,7 @@ from masksam_core.training.matcher import (
     giou_cost,
     solve,
 )
-from masksam_core.training.targets import TargetError, point_sample, slice_targets, uncertain_points
+from masksam_core.training.targets import point_sample, slice_targets, uncertain_points
 
 AUX_NAMES = {"loss_aux_mask", "loss_aux_box", "loss_aux_giou"}
 MAIN_NAMES = {"loss_ce", "loss_mask", "loss_dice"}

@@ -10,24 +10,17 @@ import numpy as np
 import pytest
 import tifffile
 
+from geometry import rotation
 from masksam_core import io as mio
 from masksam_core.errors import MaskSAMError
 from masksam_core.io import (ImageGeometry, classes_sidecar, compare_geometry, read_geometry, read_image,
                              spacing_sidecar, write_image, write_labels)
 
 
-def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def _affine(kind: str) -> np.ndarray:
     affine = np.eye(4)
     if kind == "oblique":
-        affine[:3, :3] = _rotation(0.2, -0.35, 0.5) @ np.diag([0.7, 0.8, 2.5])
+        affine[:3, :3] = rotation(0.2, -0.35, 0.5) @ np.diag([0.7, 0.8, 2.5])
         affine[:3, 3] = [-12.5, 30.25, 7.0]
     elif kind == "lps":
         affine[:3, :3] = np.diag([-0.9, -0.9, 3.0])
@@ -255,7 +248,7 @@ def test_missing_unsupported_and_dicom_inputs(tmp_path):
     with pytest.raises(MaskSAMError, match="unsupported file type"):
         read_image(tmp_path / "x.png")
     (tmp_path / "series").mkdir()
-    with pytest.raises(MaskSAMError, match="DICOM input is not supported.*NIfTI"):
+    with pytest.raises(MaskSAMError, match="no DICOM series found"):
         read_image(tmp_path / "series")
 
 

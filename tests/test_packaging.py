@@ -36,6 +36,8 @@ def _npe2(*args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "npe2", *args],
         capture_output=True,
         text=True,
+        encoding="utf-8",
+        errors="replace",
         env=env,
         timeout=300,
     )
@@ -108,6 +110,8 @@ def wheel(tmp_path_factory) -> Path:
         ],
         capture_output=True,
         text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -4,6 +4,22 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING
+
 from .errors import MaskSAMError
 
-__all__ = ["MaskSAMError", "__version__"]
+if TYPE_CHECKING:
+    from .inference.predictor import Predictor
+
+__all__ = ["MaskSAMError", "Predictor", "__version__"]
+
+# heavy classes (they import torch) load on first access, so `import masksam_core` stays light
+_LAZY = {"Predictor": ".inference.predictor", "BoxPrompter": ".inference.box_prompt"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,8 +16,21 @@ Axis convention (project-wide): an array in memory has axes **(Z, Y, X)**, axis 
 
 Sidecar files: a TIFF's spacing can come from ``<file>.json`` (``scan.tif.json``) or, as nnU-Net v2
 writes it, ``<stem>.json`` (``scan.json``), holding ``{"spacing": [sz, sy, sx]}``; class names
-are written to ``<stem>.classes.json``. Readers are chosen by :func:`image_format`; a DICOM reader
-can be added to ``_READERS`` under the format ``"dicom"`` (folders and ``.dcm`` files).
+are written to ``<stem>.classes.json``. Readers are chosen by :func:`image_format`.
+
+DICOM (read only, through SimpleITK/GDCM): a folder holding the files of one series, or one ``.dcm``
+file, which selects the series it belongs to among the files of its folder (subfolders are not
+searched). A folder with several series is an error that lists them (series UID, file count,
+description): pass one file of the wanted series, or move each series into its own folder. Slices
+are sorted by their position along the slice normal (ImagePositionPatient projected on the cross
+product of the ImageOrientationPatient row and column directions); unevenly spaced or duplicated
+positions (missing slices, several echoes or time points in one series) are an error. The array is
+(Z, Y, X) with Z along the normal, spacing (sz, sy, sx) from PixelSpacing and the position step, and
+the affine is converted from DICOM's LPS world to NIfTI's RAS world (x and y negated), so
+``world_ras = affine @ [x, y, z, 1]`` as for NIfTI; its third column is the actual step between
+slice positions (a tilted-gantry series keeps its shear). Results for a DICOM input are written as
+NIfTI (or TIFF) with that affine and a fresh header (qform/sform code 1, scanner); writing DICOM
+(e.g. DICOM-SEG) is not supported.
 """
 
 from __future__ import annotations
@@ -42,7 +55,7 @@ __all__ = ["ImageGeometry", "classes_sidecar", "compare_geometry", "image_format
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 TIFF_SUFFIXES = (".tif", ".tiff")
-SUPPORTED = "NIfTI (.nii, .nii.gz) or 3D TIFF (.tif, .tiff)"
+SUPPORTED = "NIfTI (.nii, .nii.gz), 3D TIFF (.tif, .tiff) or DICOM (.dcm, or a series folder)"
 _UNIT_MM = {"mm": 1.0, "millimeter": 1.0, "millimetre": 1.0, "cm": 10.0, "m": 1000.0, "nm": 1e-6,
             "um": 1e-3, "micron": 1e-3, "microns": 1e-3, "\u00b5m": 1e-3, "\\u00b5m": 1e-3}
 
@@ -52,8 +65,9 @@ class ImageGeometry:
     """Where a (Z, Y, X) array lives in the world, and how to write it back.
 
     affine: (4, 4) float64, file voxel index (i, j, k) = (x, y, z) -> world mm (see module doc).
-    spacing: (sz, sy, sx) mm. shape: (Z, Y, X). format: ``'nifti'`` or ``'tiff'``.
-    header: the nibabel header (NIfTI) or None. source: the file read, or None.
+    spacing: (sz, sy, sx) mm. shape: (Z, Y, X). format: ``'nifti'``, ``'tiff'`` or ``'dicom'``.
+    header: the nibabel header (NIfTI; for DICOM a fresh one holding the affine) or None.
+    source: the file or DICOM folder read, or None.
     """
 
     affine: np.ndarray
@@ -213,11 +227,19 @@ def _tiff(path: Path, load: bool) -> tuple[np.ndarray | None, ImageGeometry]:
     return data, geometry
 
 
-# format -> (reader of (array (Z, Y, X), geometry), reader of the geometry alone)
+# --------------------------------------------------------------------------- DICOM
+
+def _dicom() -> Any:
+    from . import io_dicom  # SimpleITK is only needed for DICOM input
+
+    return io_dicom
+
+
 _READERS: dict[str, tuple[Callable[[Path], tuple[np.ndarray, ImageGeometry]],
                           Callable[[Path], ImageGeometry]]] = {
     "nifti": (_read_nifti, lambda path: _nifti_geometry(_load_nifti(path), path)),
     "tiff": (lambda path: _tiff(path, load=True), lambda path: _tiff(path, load=False)[1]),
+    "dicom": (lambda path: _dicom()._read_dicom(path), lambda path: _dicom()._dicom_series(path)[1]),
 }
 
 

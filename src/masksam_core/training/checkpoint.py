@@ -9,8 +9,12 @@ A checkpoint is a dict saved with ``torch.save``:
 * ``base_weights``: name and sha256 of the frozen base weights it was trained on;
 * ``plans``: the preprocessing plans; ``class_names``;
 * ``optimizer``, ``scheduler``, ``scaler``, ``rng``: the training state;
+* ``rng_ranks``: under DDP, every rank's RNG state (rank order);
 * ``epoch`` (epochs finished), ``iteration`` (iterations finished in the current epoch),
-  ``best`` (best validation score so far), ``config`` (the training settings).
+  ``partial`` (loss sums, iterations and seconds of that unfinished epoch),
+  ``best`` (best validation score so far), ``history`` (the metrics of every finished
+  epoch: ``metrics.jsonl`` is rewritten from it on resume), ``config`` (the training settings);
+* ``sam``: the frozen base weights only when they are random (``tiny``), else ``None``.
 
 Files are written to a temporary name in the same folder and renamed, so a crash never
 leaves a half-written checkpoint. Files are read with ``weights_only=True``.
@@ -18,6 +22,8 @@ leaves a half-written checkpoint. Files are read with ``weights_only=True``.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 import tempfile
@@ -30,6 +36,12 @@ import torch
 from ..errors import MaskSAMError
 
 FORMAT = 1
+
+# Settings a resumed run takes from its checkpoint when left None (a different value is an error).
+NEW_RUN_DEFAULTS: dict[str, Any] = {
+    "preset": "lite", "iters_per_epoch": 250, "batch_size": 2, "lr": 1e-3, "weight_decay": 1e-2, "seed": 0,
+    "prompt_mode": "auto", "val_cases": (), "val_fraction": 0.2, "patch_size": None, "num_queries": None,
+}
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -81,6 +93,31 @@ def _python_state_from_list(state: list) -> tuple:
     return (version, tuple(internal), gauss)
 
 
+def _norm(value: Any) -> Any:
+    return [_norm(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def resolve_config(config: Any, saved: dict[str, Any] | None = None) -> Any:
+    """``config`` (a ``TrainConfig``) with every ``None`` of :data:`NEW_RUN_DEFAULTS` filled: from ``saved`` (the
+    checkpoint's config) when resuming, else with the defaults. A value given that differs from the
+    run's raises :class:`MaskSAMError`: a resumed run trains on exactly as it began."""
+    values: dict[str, Any] = {}
+    for key, default in NEW_RUN_DEFAULTS.items():
+        given = getattr(config, key)
+        if saved is None:
+            values[key] = default if given is None else given
+            continue
+        was = saved.get(key, default)
+        if given is not None and _norm(given) != _norm(was):
+            flag = "--" + key.replace("_", "-")
+            raise MaskSAMError(f"{config.out} was trained with {flag} {_norm(was)}, not {_norm(given)}: resume "
+                               f"with the same value (or leave {flag} out), or start a new run with another --out")
+        values[key] = was if given is None else given
+    for key in ("val_cases", "patch_size"):
+        values[key] = tuple(values[key]) if values[key] is not None else None
+    return dataclasses.replace(config, **values)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a run checkpoint (``weights_only=True``) with clear errors."""
     path = Path(path)
@@ -128,18 +165,62 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], *, so
     model.load_state_dict(state, strict=False)
 
 
-def truncate_metrics(path: Path, epochs: int) -> None:
-    """Keep only the metrics lines of epochs ≤ ``epochs`` (after resuming from a checkpoint)."""
-    import json
+def run_state(trainer: Any, data: Any, *, epoch: int, iteration: int, best: float, rngs: list[Any],
+              partial: dict[str, Any] | None) -> dict[str, Any]:
+    """The checkpoint dict (module docstring) of a :class:`~.trainer.Trainer` and its ``DataBundle``;
+    ``rngs``: every rank's :func:`rng_state`."""
+    sam = trainer.model.sam
+    return {
+        "kind": "masksam-run",
+        "format": FORMAT,
+        "model": trainer.model.trainable_state_dict(),
+        "build": {
+            "preset": trainer.preset.name,
+            "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in trainer.overrides.items()},
+            "num_classes": data.num_classes,
+            "in_channels": data.in_channels,
+            "prompt_mode": trainer.config.prompt_mode,
+        },
+        "base_weights": base_weights_info(sam),
+        # random base weights (the tiny backbone) cannot be fetched again: keep them
+        "sam": None if sam.weights else {k: v for k, v in sam.state_dict().items()},
+        "plans": data.plans,
+        "class_names": data.class_names,
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": {"epoch": epoch, "max_epochs": trainer.epochs, "base_lr": trainer.config.lr},
+        "scaler": trainer.scaler.state_dict(),
+        "rng": rngs[0],
+        "rng_ranks": rngs,
+        "epoch": epoch,
+        "iteration": iteration,
+        "partial": partial,
+        "best": best,
+        "history": trainer.history,
+        "config": json.loads(json.dumps(dataclasses.asdict(trainer.config), default=str)),
+    }
 
+
+def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """Write ``metrics.jsonl``: one JSON line per finished epoch, atomically (temporary file, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path, epochs: int) -> list[dict[str, Any]]:
+    """The metrics lines of epochs 1..``epochs`` in ``metrics.jsonl`` (last one wins per epoch); for
+    checkpoints written before they kept their own history."""
     if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epochs]
-    if len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        return []
+    rows: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if isinstance(row, dict) and 1 <= int(row.get("epoch", 0)) <= epochs:
+            rows[int(row["epoch"])] = row
+    return [rows[e] for e in sorted(rows)]
 
 
 def resolve_run(path: str | Path) -> Path:

@@ -1,6 +1,6 @@
 """From a data-set folder to training batches and validation volumes.
 
-Checks the data set, plans it (or reuses RUN_DIR/plans.json when resuming),
+Checks the data set, plans it (or uses the plans of the checkpoint when resuming),
 preprocesses it into a cache, splits off validation data and builds the
 per-epoch loader. Validation: ``--val-cases``, else a fraction of the cases,
 else, for a single-case data set, a slab at the end of its slice axis (the
@@ -10,12 +10,14 @@ last ``val_fraction`` of the slices).
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..data.augment import build_train_transforms
 from ..data.dataset import load_checked_dataset
@@ -64,24 +66,40 @@ def _slab_split(case: PreprocessedCase, fraction: float, folder: Path, num_class
     return train, (np.asarray(image[:, cut:]), np.asarray(labels[cut:]))
 
 
-def prepare_data(config: Any, out: Path, *, resume: bool, patch_size: tuple[int, int, int]) -> DataBundle:
-    """Check, plan, preprocess and split; returns what the trainer needs."""
-    spec = load_checked_dataset(config.dataset)
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which saves a checkpoint and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _plans(config: Any, spec: Any, out: Path, plans: dict[str, Any] | None,
+           patch_size: tuple[int, int, int]) -> dict[str, Any]:
+    """The run's plans: given (resuming: the checkpoint's), else made and saved by rank 0, then read."""
     plans_path = out / "plans.json"
-    if resume and plans_path.exists():
-        plans = load_plans(plans_path)
-    else:
-        plans = make_plans(spec, fingerprint_dataset(spec, progress=dist.is_main()), config.preset)
-        plans["patch_size"] = list(patch_size)
-        if dist.is_main():
+    if plans is not None:
+        if dist.is_main() and not plans_path.exists():
             out.mkdir(parents=True, exist_ok=True)
             save_plans(plans, plans_path)
-    cache = Path(config.cache_dir) if config.cache_dir else out / "preprocessed"
+        return plans
     if dist.is_main():
-        cases = preprocess_dataset(spec, plans, cache, progress=True)
+        plans = make_plans(spec, fingerprint_dataset(spec, progress=True), config.preset)
+        plans["patch_size"] = list(patch_size)
+        out.mkdir(parents=True, exist_ok=True)
+        save_plans(plans, plans_path)
     dist.barrier()
-    if not dist.is_main():
-        cases = preprocess_dataset(spec, plans, cache, progress=False)  # cache hit: nothing rebuilt
+    return load_plans(plans_path)  # every rank (and a later resume) uses the plans exactly as saved
+
+
+def prepare_data(config: Any, out: Path, *, patch_size: tuple[int, int, int],
+                 plans: dict[str, Any] | None = None) -> DataBundle:
+    """Check, plan (or use ``plans``), preprocess and split; returns what the trainer needs.
+
+    Under DDP rank 0 plans and preprocesses while the others wait at a barrier, then read its files.
+    """
+    spec = load_checked_dataset(config.dataset)
+    plans = _plans(config, spec, out, plans, patch_size)
+    cache = Path(config.cache_dir) if config.cache_dir else out / "preprocessed"
+    # rank 0 preprocesses (or finds the cache valid); the others wait here and take its list of files
+    cases = dist.broadcast_object(preprocess_dataset(spec, plans, cache, progress=True) if dist.is_main() else None)
     by_id = {c.id: c for c in cases}
     unknown = sorted(set(config.val_cases) - set(by_id))
     if unknown:
@@ -113,10 +131,16 @@ def prepare_data(config: Any, out: Path, *, resume: bool, patch_size: tuple[int,
     rank, world = dist.rank(), dist.world_size()
 
     def loader(*, epoch: int, start_iteration: int = 0) -> Iterable[dict[str, Any]]:
-        return make_train_loader(
+        dl = make_train_loader(
             train, patch_size=patch_size, batch_size=config.batch_size, iterations=config.iters_per_epoch,
             transforms=transforms, seed=config.seed, epoch=epoch, rank=rank, world_size=world,
             num_workers=config.num_workers, pin_memory=False, start_iteration=start_iteration,
         )
+        # Starting an iteration over a DataLoader draws a seed from its generator (the global torch RNG
+        # without one); its own generator keeps the global RNG, saved in checkpoints, untouched, so a run
+        # resumed mid-epoch draws the same random numbers as one that never stopped.
+        dl.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 1009 + rank)
+        dl.worker_init_fn = _ignore_sigint
+        return dl
 
     return DataBundle(plans, list(plans["class_names"]), num_classes, int(plans["in_channels"]), train, val, loader)

@@ -5,8 +5,10 @@
 validating per epoch and writing RUN_DIR. The command line drives the generator
 with a progress bar; the napari Train widget drives it in a worker thread. Call
 ``request_stop()`` (Ctrl-C, the Stop button, or ``--time-limit``) to save a
-checkpoint and end cleanly; ``TrainConfig(resume=True)`` continues from it.
-Under ``torchrun`` the same code trains with DistributedDataParallel.
+checkpoint and end cleanly; ``TrainConfig(resume=True)`` continues from it, with
+the settings of the run (those left ``None``) and the same data and random numbers
+as a run that never stopped. Under ``torchrun`` the same code trains with
+DistributedDataParallel.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..devices import autocast_dtype, select_device
+from ..devices import autocast_dtype
 from ..errors import MaskSAMError
 from ..modeling import build_model, gt_prompts, semantic_scores
 from ..modeling.presets import get_preset
@@ -32,26 +34,26 @@ from . import distributed as dist
 from .data_setup import prepare_data
 from .metrics import dice_per_class, write_curves
 
-
 @dataclass
 class TrainConfig:
-    """Every training setting; each is a ``masksam-core train`` flag."""
+    """Every training setting; each is a ``masksam-core train`` flag. ``None``: the run's value when
+    resuming, else :data:`~.checkpoint.NEW_RUN_DEFAULTS` (``epochs``: the preset's; resuming: the run's)."""
 
     dataset: str
     out: str
-    preset: str = "lite"
+    preset: str | None = None
     epochs: int | None = None
-    iters_per_epoch: int = 250
-    batch_size: int = 2
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
+    iters_per_epoch: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
     device: str = "auto"
     amp: str = "auto"
-    prompt_mode: str = "auto"
-    val_cases: tuple[str, ...] = ()
-    val_fraction: float = 0.2
+    prompt_mode: str | None = None
+    val_cases: tuple[str, ...] | None = None
+    val_fraction: float | None = None
     val_every: int = 1
-    seed: int = 0
+    seed: int | None = None
     resume: bool = False
     base_checkpoint: str | None = None
     time_limit: float | None = None
@@ -65,7 +67,7 @@ class TrainConfig:
 
 @dataclass
 class TrainEvent:
-    """What the trainer reports: ``kind`` is setup, iteration, epoch, stopped or done."""
+    """What the trainer reports: ``kind`` is setup, epoch_start, iteration, epoch, stopped or done."""
 
     kind: str
     epoch: int = 0
@@ -89,6 +91,7 @@ class Trainer:
         self.out = Path(config.out)
         self._stop = False
         self._stop_reason = ""
+        self.history: list[dict[str, Any]] = []
 
     def request_stop(self, reason: str = "stopped by the user") -> None:
         """Finish the current iteration, save a checkpoint and end."""
@@ -104,7 +107,7 @@ class Trainer:
             overrides["num_queries"] = c.num_queries
         return overrides
 
-    def _build(self, data: Any, device: torch.device) -> None:
+    def _build(self, data: Any, device: torch.device, saved: dict[str, Any] | None) -> None:
         c = self.config
         self.preset = get_preset(c.preset)
         self.overrides = self._settings()
@@ -116,11 +119,12 @@ class Trainer:
                     f"on a slice needs its own query; pass --num-queries {data.num_classes} or more"
                 )
             self.overrides["num_queries"] = data.num_classes  # the preset has too few for this data set
-        self.epochs = c.epochs or self.preset.epochs
         self.model = build_model(
             c.preset, c.base_checkpoint, num_classes=data.num_classes, in_channels=data.in_channels,
             prompt_mode=c.prompt_mode, progress=dist.is_main(), **self.overrides,
         ).to(device)
+        if saved is not None and saved.get("sam") is not None:  # random base weights (tiny) travel with the run
+            self.model.sam.load_state_dict(saved["sam"], strict=True)
         if c.grad_checkpointing and hasattr(self.model.encoder_adapters, "grad_checkpointing"):
             self.model.encoder_adapters.grad_checkpointing = True
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -131,47 +135,15 @@ class Trainer:
         self.criterion = SetCriterion(
             data.num_classes, HungarianMatcher(num_points=num_points), num_points=num_points
         )
-        self.weights = loss_weights(mask_weight=float(self.overrides.get("mask_loss_weight", self.preset.mask_loss_weight)))
+        mask_weight = float(self.overrides.get("mask_loss_weight", self.preset.mask_loss_weight))
+        self.weights = loss_weights(mask_weight=mask_weight)
         self.amp = autocast_dtype(device, c.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.net = dist.wrap(self.model, device)
 
-    def _checkpoint(self, data: Any, epoch: int, iteration: int, best: float) -> dict[str, Any]:
-        sam = self.model.sam
-        return {
-            "kind": "masksam-run",
-            "format": ckpt_io.FORMAT,
-            "model": self.model.trainable_state_dict(),
-            "build": {
-                "preset": self.preset.name,
-                "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in self.overrides.items()},
-                "num_classes": data.num_classes,
-                "in_channels": data.in_channels,
-                "prompt_mode": self.config.prompt_mode,
-            },
-            "base_weights": ckpt_io.base_weights_info(sam),
-            # random base weights (the tiny backbone) cannot be fetched again: keep them
-            "sam": None if sam.weights else {k: v for k, v in sam.state_dict().items()},
-            "plans": data.plans,
-            "class_names": data.class_names,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"epoch": epoch, "max_epochs": self.epochs, "base_lr": self.config.lr},
-            "scaler": self.scaler.state_dict(),
-            "rng": ckpt_io.rng_state(),
-            "epoch": epoch,
-            "iteration": iteration,
-            "best": best,
-            "config": json.loads(json.dumps(dataclasses.asdict(self.config), default=str)),
-        }
-
-    # ------------------------------------------------------------------ loop
-    def run(self) -> Generator[TrainEvent, None, Path]:
+    def _start(self, last_path: Path) -> dict[str, Any] | None:
+        """Check RUN_DIR against --resume; resolve the settings; returns the checkpoint when resuming."""
         c = self.config
-        rank, world = dist.init()
-        device = select_device(c.device) if world == 1 else dist.device_for_rank(c.device)
-        torch.manual_seed(c.seed + rank)
-        np.random.seed(c.seed + rank)
-        last_path = self.out / "checkpoint_last.pt"
         if not c.resume and last_path.exists():
             raise MaskSAMError(
                 f"{self.out} already holds a run (checkpoint_last.pt): pass --resume to continue it, "
@@ -179,46 +151,105 @@ class Trainer:
             )
         if c.resume and not last_path.exists():
             raise MaskSAMError(f"nothing to resume: {last_path} does not exist (drop --resume to start a new run)")
+        saved = ckpt_io.load_checkpoint(last_path) if c.resume else None
+        if saved is not None:
+            build = saved["build"]
+            preset = get_preset(build["preset"])
+            config = dict(saved.get("config") or {})  # the model's settings as built, the rest as configured
+            config.update(preset=preset.name, prompt_mode=build["prompt_mode"],
+                          patch_size=build["overrides"].get("patch_size", preset.patch_size),
+                          num_queries=build["overrides"].get("num_queries", preset.num_queries))
+            self.config = ckpt_io.resolve_config(c, config)
+            done, total = int(saved["epoch"]), int(saved["scheduler"]["max_epochs"])
+            if c.epochs is not None and c.epochs < done:
+                raise MaskSAMError(f"{self.out} has already trained {done} epochs: pass --epochs {done + 1} or "
+                                   "more to extend it")
+            self.epochs = c.epochs or total
+            self.history = list(saved.get("history") or ckpt_io.read_metrics(self.out / "metrics.jsonl", done))
+        else:
+            self.config = ckpt_io.resolve_config(c)
+            self.epochs = c.epochs or get_preset(self.config.preset).epochs
+        c = self.config
+        for flag, value, ok in (("--epochs", self.epochs, self.epochs >= 1),
+                                ("--iters-per-epoch", c.iters_per_epoch, c.iters_per_epoch >= 1),
+                                ("--batch-size", c.batch_size, c.batch_size >= 1), ("--lr", c.lr, c.lr > 0),
+                                ("--val-every", c.val_every, c.val_every >= 1),
+                                ("--num-workers", c.num_workers, c.num_workers >= 0),
+                                ("--time-limit", c.time_limit, c.time_limit is None or c.time_limit > 0)):
+            if not ok:
+                raise MaskSAMError(f"{flag} {value} is out of range: it must be positive (--num-workers: 0 or more)")
+        return saved
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> Generator[TrainEvent, None, Path]:
+        """Train, yielding :class:`TrainEvent` s; returns the best (or, when stopped, the last) checkpoint."""
+        try:
+            return (yield from self._run())
+        finally:
+            dist.shutdown()  # after an error too, so that no process group is left behind
+
+    def _run(self) -> Generator[TrainEvent, None, Path]:
+        rank, world, device = dist.init(self.config.device)
+        last_path = self.out / "checkpoint_last.pt"
+        saved = self._start(last_path)
+        c = self.config
+        torch.manual_seed(c.seed + rank)
+        np.random.seed(c.seed + rank)
 
         yield TrainEvent("setup", message=f"checking and preparing {c.dataset}")
-        data = prepare_data(c, self.out, resume=c.resume, patch_size=self._patch_size())
-        self._build(data, device)
-        start_epoch, start_iter, best = 0, 0, -math.inf
-        if c.resume:
-            start_epoch, start_iter, best = self._resume(last_path)
+        data = prepare_data(c, self.out, patch_size=self._patch_size(), plans=saved and saved["plans"])
+        self._build(data, device, saved)
+        start_epoch, start_iter, best, partial = 0, 0, -math.inf, None
+        if saved is not None:
+            start_epoch, start_iter, best, partial = self._resume(saved, rank, world)
         elif dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2, default=str))
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2, default=str))
+            ckpt_io.write_metrics(self.out / "metrics.jsonl", [])  # no lines left from a run that never saved
         yield TrainEvent("setup", epoch=start_epoch, epochs=self.epochs,
                          message=f"{len(data.train_cases)} training and {len(data.val_volumes)} validation volumes; "
-                         f"training on {device}")
+                         f"training on {device}" + (f" ({world} processes)" if world > 1 else ""))
+        if start_epoch >= self.epochs:
+            dist.cleanup()
+            yield TrainEvent("done", start_epoch, self.epochs, message=f"{self.out} has already trained "
+                             f"{start_epoch} epochs: pass a larger --epochs with --resume to train longer")
+            return self.out / "checkpoint_best.pt"
 
         t0 = time.monotonic()
         for epoch in range(start_epoch, self.epochs):
             lr = poly_lr(c.lr, epoch, self.epochs)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            sums: dict[str, float] = {}
-            n_iter = 0
-            epoch_start = time.monotonic()
-            self.net.train()
-            loader = data.loader(epoch=epoch, start_iteration=start_iter if epoch == start_epoch else 0)
             first = start_iter if epoch == start_epoch else 0
-            for it, batch in enumerate(loader, start=first):
-                losses = self._step(batch, device)
+            part = partial if epoch == start_epoch and partial else {}
+            sums: dict[str, float] = dict(part.get("sums", {}))
+            n_iter = int(part.get("iterations", 0))
+            epoch_start = time.monotonic() - float(part.get("seconds", 0.0))
+            yield TrainEvent("epoch_start", epoch, self.epochs, first, c.iters_per_epoch, lr=lr)
+            self.net.train()
+            stop = False
+            for it, batch in enumerate(data.loader(epoch=epoch, start_iteration=first), start=first):
+                losses, total = self._forward(batch, device)
+                if any(dist.any_flags(not bool(torch.isfinite(total)))):
+                    raise MaskSAMError(
+                        "the training loss became NaN or infinite; lower --lr, check the data with "
+                        "`masksam-core check`, or use --amp off"
+                    )
+                self._backward(total)
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_iter += 1
                 yield TrainEvent("iteration", epoch, self.epochs, it + 1, c.iters_per_epoch, losses["loss"], lr)
-                if c.time_limit is not None and time.monotonic() - t0 > c.time_limit * 60:
-                    self.request_stop(f"time limit of {c.time_limit:g} minutes reached")
-                if self._stop and it + 1 < c.iters_per_epoch:
-                    self._save(data, epoch, it + 1, best, last_only=True)
+                (stop,) = dist.any_flags(self._stop or self._time_up(t0))  # every rank stops at the same step
+                if stop and it + 1 < c.iters_per_epoch:
+                    partial = {"sums": sums, "iterations": n_iter, "seconds": time.monotonic() - epoch_start}
+                    self._save(data, epoch, it + 1, best, partial=partial)
                     yield TrainEvent("stopped", epoch, self.epochs, it + 1, c.iters_per_epoch,
-                                     message=f"{self._stop_reason}; checkpoint saved at epoch {epoch}, "
-                                     f"iteration {it + 1}: continue with --resume")
+                                     message=f"{self._reason()}: saved {last_path} at epoch {epoch + 1}, "
+                                     f"iteration {it + 1}; continue with --resume")
                     dist.cleanup()
                     return last_path
+            sums = dist.mean_dict(sums)
             metrics: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "iterations": n_iter}
             metrics.update({k: v / max(n_iter, 1) for k, v in sums.items()})
             if data.val_volumes and ((epoch + 1) % c.val_every == 0 or epoch + 1 == self.epochs):
@@ -227,49 +258,67 @@ class Trainer:
             score = metrics.get("val_mean_dice", -metrics.get("loss", math.inf))
             improved = score > best
             best = max(best, score)
-            self._save(data, epoch + 1, 0, best, improved=improved, metrics=metrics)
+            self.history.append(metrics)
+            self._save(data, epoch + 1, 0, best, improved=improved)
             yield TrainEvent("epoch", epoch + 1, self.epochs, n_iter, c.iters_per_epoch,
                              metrics.get("loss", float("nan")), lr, metrics)
-            start_iter = 0
-            if self._stop:
+            (stop,) = dist.any_flags(stop or self._stop or self._time_up(t0))
+            if stop and epoch + 1 < self.epochs:
                 yield TrainEvent("stopped", epoch + 1, self.epochs,
-                                 message=f"{self._stop_reason}; checkpoint saved after epoch {epoch + 1}")
+                                 message=f"{self._reason()}: saved {last_path} after epoch {epoch + 1}; "
+                                 "continue with --resume")
                 dist.cleanup()
                 return last_path
         dist.cleanup()
         yield TrainEvent("done", self.epochs, self.epochs, message=f"finished {self.epochs} epochs in {self.out}")
         return self.out / "checkpoint_best.pt"
 
+    def _time_up(self, t0: float) -> bool:
+        limit = self.config.time_limit
+        return limit is not None and time.monotonic() - t0 > limit * 60
+
+    def _reason(self) -> str:
+        if self._stop_reason:
+            return self._stop_reason
+        if self.config.time_limit is not None:
+            return f"time limit of {self.config.time_limit:g} minutes reached"
+        return "stopped on another rank"
+
     def _patch_size(self) -> tuple[int, int, int]:
         return tuple(self._settings().get("patch_size", get_preset(self.config.preset).patch_size))  # type: ignore[return-value]
 
-    def _step(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
+    def _forward(self, batch: dict[str, torch.Tensor],
+                 device: torch.device) -> tuple[dict[str, float], torch.Tensor]:
+        """Losses of one batch (image (B, C, T, H, W), labels (B, T, H, W)): (named floats, weighted total)."""
+        from .criterion import weighted_total
+
         x = batch["image"].to(device, non_blocking=True)
         y = batch["labels"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             prompts = gt_prompts(y, self.model.num_classes) if self.model.prompt_mode == "gt" else None
             out = self.net(x, prompts)
-        losses = self.criterion(out, y)
-        from .criterion import weighted_total
-
+        num_masks = None
+        if dist.world_size() > 1:  # Mask2Former: normalise by the mean number of target masks over ranks
+            counts = torch.zeros(y.shape[0] * y.shape[1], self.model.num_classes, device=y.device)
+            counts.scatter_(1, y.reshape(counts.shape[0], -1), 1.0)  # (B*T, C): class present on slice
+            num_masks = dist.mean(counts.sum()).clamp(min=1.0)
+        losses = self.criterion(out, y, num_masks=num_masks)
         total = weighted_total(losses, self.weights)
-        if not torch.isfinite(total):
-            raise MaskSAMError(
-                "the training loss became NaN or infinite; lower --lr, check the data with "
-                "`masksam-core check`, or use --amp off"
-            )
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        values["loss"] = float(total.detach())
+        return values, total
+
+    def _backward(self, total: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.params, 12.0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        out_losses = {k: float(v.detach()) for k, v in losses.items()}
-        out_losses["loss"] = float(total.detach())
-        return out_losses
 
     @torch.no_grad()
     def _validate(self, data: Any, device: torch.device) -> dict[str, Any]:
+        """Rank 0 segments the validation volumes (sliding window) while the others wait."""
         if not dist.is_main():
             dist.barrier()
             return {}
@@ -303,34 +352,34 @@ class Trainer:
         result["val_mean_dice"] = float(np.nanmean(fg)) if np.isfinite(fg).any() else 0.0
         return result
 
-    def _save(self, data: Any, epoch: int, iteration: int, best: float, *, last_only: bool = False,
-              improved: bool = False, metrics: dict[str, Any] | None = None) -> None:
+    def _save(self, data: Any, epoch: int, iteration: int, best: float, *, improved: bool = False,
+              partial: dict[str, Any] | None = None) -> None:
+        """checkpoint_last.pt (and _best when improved), then metrics.jsonl and curves.png; rank 0 writes,
+        every rank must call it (it gathers their RNG states)."""
+        rngs = dist.gather_objects(ckpt_io.rng_state())
         if not dist.is_main():
             return
-        state = self._checkpoint(data, epoch, iteration, best)
+        state = ckpt_io.run_state(self, data, epoch=epoch, iteration=iteration, best=best, rngs=rngs,
+                                  partial=partial)
         ckpt_io.atomic_save(state, self.out / "checkpoint_last.pt")
-        if last_only:
+        if partial is not None:
             return
         if improved:
             ckpt_io.atomic_save(state, self.out / "checkpoint_best.pt")
-        if metrics is not None:
-            with open(self.out / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(metrics) + "\n")
-            write_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+        ckpt_io.write_metrics(self.out / "metrics.jsonl", self.history)
+        write_curves(self.out / "metrics.jsonl", self.out / "curves.png")
 
-    def _resume(self, path: Path) -> tuple[int, int, float]:
-        state = ckpt_io.load_checkpoint(path)
-        build = state["build"]
-        if build["preset"] != self.preset.name or build["prompt_mode"] != self.config.prompt_mode:
-            raise MaskSAMError(
-                f"{path} was trained with preset {build['preset']!r} in {build['prompt_mode']!r} mode: "
-                "resume with the same --preset and --prompt-mode"
-            )
-        ckpt_io.load_trainable(self.model, state["model"], source=path)
+    def _resume(self, state: dict[str, Any], rank: int, world: int) -> tuple[int, int, float, dict | None]:
+        """Load weights, optimiser, scaler and RNG states; returns (epoch, iteration, best, partial)."""
+        ckpt_io.load_trainable(self.model, state["model"], source=self.out / "checkpoint_last.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        ckpt_io.set_rng_state(state["rng"])
+        rngs = state.get("rng_ranks") or [state["rng"]]
+        ckpt_io.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
         epoch, iteration = int(state["epoch"]), int(state["iteration"])
+        if iteration >= int(self.config.iters_per_epoch):
+            raise MaskSAMError(f"the checkpoint stopped at iteration {iteration} of its epoch but an epoch has "
+                               f"{self.config.iters_per_epoch}: resume with its --iters-per-epoch")
         if dist.is_main():
-            ckpt_io.truncate_metrics(self.out / "metrics.jsonl", epoch)
-        return epoch, iteration, float(state["best"])
+            ckpt_io.write_metrics(self.out / "metrics.jsonl", self.history)  # drops lines of epochs redone
+        return epoch, iteration, float(state["best"]), state.get("partial")

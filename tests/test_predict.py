@@ -1,0 +1,405 @@
+"""Predictor and ``masksam-core predict``: grids, geometry, TTA, probabilities, cancelling, the CLI.
+
+Two kinds of model:
+
+* a real ``tiny`` MaskSAM with random weights, saved as a run checkpoint (``tiny_run``): checks
+  that the whole pipeline runs and gives well-formed results;
+* a fake network (``fake_run``) whose semantic scores are σ(∓4·x) of the normalised input, so
+  its labels are "normalised intensity > 0": a bright object must come back on exactly its own
+  voxels after preprocessing, windows, mirroring and resampling both ways.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from masksam_core.cli import main
+from masksam_core.errors import MaskSAMError
+from masksam_core.inference.predict_cli import Case, cases_for_rank, distributed_env, find_cases
+from masksam_core.inference.predictor import Cancelled, Predictor, accumulation_device
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine two spinning threads make a tiny forward 10-50× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_plans(target_spacing, num_classes=2, mean=300.0, std=100.0):
+    """Plans with CT normalisation (x - mean) / std after clipping to [0, 1000]."""
+    names = ["background", "object", "other"][:num_classes]
+    return {
+        "version": 1, "dataset_name": "Dataset999_Test", "preset": "tiny", "patch_size": [4, 16, 16],
+        "target_spacing": [float(s) for s in target_spacing],
+        "separate_z": {"threshold": 3.0, "image_order": 3, "image_order_z": 0, "label_order": 1,
+                       "label_order_z": 0, "probability_order": 1, "probability_order_z": 0},
+        "normalization": [{"channel": 0, "channel_name": "CT", "scheme": "ct", "mean": mean, "std": std,
+                           "lower": 0.0, "upper": 1000.0}],
+        "channel_names": {"0": "CT"}, "in_channels": 1, "class_names": names, "num_classes": num_classes,
+    }
+
+
+class FakeNet(torch.nn.Module):
+    """Two queries: query 0 is background with mask -4x, query 1 is 'object' with mask +4x."""
+
+    prompt_mode = "auto"
+
+    def __init__(self, patch_size=(4, 16, 16)):
+        super().__init__()
+        self.patch_size = patch_size
+        self.calls = 0
+        self.on_call = None
+
+    def forward(self, x):
+        self.calls += 1
+        if self.on_call is not None:
+            self.on_call(self.calls)
+        b, _, t, h, w = x.shape
+        logits = torch.tensor([[8.0, -8.0, -8.0], [-8.0, 8.0, -8.0]]).expand(b, t, 2, 3).transpose(1, 2)
+        return {"pred_logits": logits, "pred_masks": torch.stack([-4 * x[:, 0], 4 * x[:, 0]], 1)}
+
+
+@pytest.fixture
+def fake_run(monkeypatch):
+    """Predictor("fake") loads FakeNet with plans targeting (2.5, 1.5, 1.5) mm; yields the net."""
+    net = FakeNet()
+
+    def load_run(path, *, base_checkpoint=None, device="cpu"):
+        return net, {"plans": make_plans((2.5, 1.5, 1.5)), "class_names": ["background", "object"]}
+
+    monkeypatch.setattr("masksam_core.training.checkpoint.load_run", load_run)
+    return net
+
+
+def write_tiny_run(root: Path, prompt_mode: str = "auto") -> Path:
+    """A run folder: random-weight ``tiny`` MaskSAM (patch 2×32×32, 3 queries, 3 classes), trainer format."""
+    from masksam_core.modeling import build_model
+    from masksam_core.training.checkpoint import FORMAT, atomic_save
+
+    torch.manual_seed(0)
+    overrides = {"patch_size": [2, 32, 32], "num_queries": 3}
+    model = build_model("tiny", None, num_classes=3, in_channels=1, prompt_mode=prompt_mode, pretrained=False,
+                        **overrides)
+    atomic_save({
+        "kind": "masksam-run", "format": FORMAT, "model": model.trainable_state_dict(),
+        "build": {"preset": "tiny", "overrides": overrides, "num_classes": 3, "in_channels": 1,
+                  "prompt_mode": prompt_mode},
+        "base_weights": {"name": "tiny", "sha256": None, "path": None},
+        "sam": model.sam.state_dict(), "plans": make_plans((2.0, 1.5, 1.5), num_classes=3),
+        "class_names": ["background", "object", "other"],
+    }, root / "checkpoint_last.pt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return write_tiny_run(tmp_path_factory.mktemp("tiny_run"))
+
+
+def box_volume(shape=(8, 30, 26), box=(slice(2, 6), slice(8, 20), slice(6, 18))):
+    """(Z, Y, X) float32: 100 outside, 500 inside ``box``; and the box mask."""
+    mask = np.zeros(shape, bool)
+    mask[box] = True
+    return np.where(mask, 500.0, 100.0).astype(np.float32), mask
+
+
+def dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def assert_object_on_its_voxels(labels, mask):
+    """Exact along Z (order 0 both ways); in-plane the border may move by one voxel; Dice > 0.9."""
+    from scipy import ndimage
+
+    inplane = np.zeros((1, 3, 3), bool)
+    inplane[0] = True
+    assert labels[ndimage.binary_erosion(mask, inplane)].all()
+    assert not labels[~ndimage.binary_dilation(mask, inplane)].any()
+    assert dice(labels > 0, mask) > 0.9
+
+
+# --------------------------------------------------------------------------- Predictor
+
+
+def test_tiny_run_anisotropic_input_comes_back_on_its_grid(tiny_run):
+    predictor = Predictor(tiny_run, device="cpu")
+    assert predictor.class_names == ["background", "object", "other"] and predictor.plans["target_spacing"][0] == 2.0
+    volume = np.random.default_rng(0).normal(300, 100, (2, 40, 36)).astype(np.float32)  # → (5, 27, 24): 4 windows
+    result = predictor.predict(volume, (5.0, 1.0, 1.0), tta=False, batch_size=4, return_probabilities=True)
+    assert result.labels.shape == volume.shape and result.labels.dtype == np.uint8
+    assert set(np.unique(result.labels)) <= {0, 1, 2}
+    probs = result.probabilities
+    assert probs.shape == (3, *volume.shape) and probs.dtype == np.float32 and (probs >= 0).all()
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    assert (probs.argmax(0) == result.labels).mean() > 0.999  # normalising keeps the argmax
+    assert result.class_names == predictor.class_names
+
+
+def test_tiny_run_tta_on_and_off_both_run(tiny_run, monkeypatch):
+    predictor = Predictor(tiny_run, device="cpu")
+    calls = []
+    scores = predictor._scores
+    monkeypatch.setattr(predictor, "_scores", lambda batch: calls.append(len(batch)) or scores(batch))
+    volume = np.full((1, 20, 20), 250.0, np.float32)  # (2, 13, 13) at 2 × 1.5 × 1.5 mm: one window
+    plain = predictor.predict(volume, (4.0, 1.0, 1.0), tta=False)
+    assert calls == [1]
+    tta = predictor.predict(volume, (4.0, 1.0, 1.0), tta=True)
+    assert calls[1:] == [1] * 8  # 8 mirrored passes of the one window
+    assert plain.labels.shape == tta.labels.shape == volume.shape
+    assert tta.labels.max() <= 2 and tta.probabilities is None
+
+
+def test_known_object_lands_on_its_own_voxels(fake_run):
+    volume, mask = box_volume()
+    for tta in (False, True):
+        labels = Predictor("fake", device="cpu").predict(volume, (5.0, 1.0, 1.0), tta=tta, batch_size=3).labels
+        assert labels.shape == volume.shape
+        assert_object_on_its_voxels(labels, mask)
+
+
+def test_channel_axis_optional_and_bad_inputs_are_clear(fake_run):
+    predictor = Predictor("fake", device="cpu")
+    volume, mask = box_volume()
+    assert_object_on_its_voxels(predictor.predict(volume[None], (5, 1, 1), tta=False).labels, mask)
+    bad = [((volume[None].repeat(2, 0), (5, 1, 1)), "channel"), ((volume[0], (5, 1, 1)), "shape"),
+           ((np.full((4, 8, 8), np.nan), (1, 1, 1)), "NaN"), ((volume, (5, 0, 1)), "spacing"),
+           ((volume, (5, 1)), "spacing")]
+    for (v, spacing), word in bad:
+        with pytest.raises(MaskSAMError, match=word):
+            predictor.predict(v, spacing)
+    for kwargs in ({"step_size": 0.0}, {"step_size": 1.5}, {"batch_size": 0}):
+        with pytest.raises(MaskSAMError):
+            predictor.predict(volume, (5, 1, 1), **kwargs)
+
+
+def test_gt_mode_run_points_to_prompt(tmp_path):
+    with pytest.raises(MaskSAMError, match="masksam-core prompt"):
+        Predictor(write_tiny_run(tmp_path, prompt_mode="gt"), device="cpu")
+
+
+def test_close_stops_the_generator_within_one_batch(fake_run):
+    gen = Predictor("fake", device="cpu").predict_iter(np.zeros((20, 30, 30)), (2.5, 1.5, 1.5), tta=False)
+    first = next(gen)
+    assert (first.done, fake_run.calls) == (0, 0) and first.total == 9 * 3 * 3  # starts 0,2,..,16 × 0,7,14 × 0,7,14
+    assert next(gen).done == 1 and fake_run.calls == 1
+    gen.close()
+    assert fake_run.calls == 1
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_cancel_event_from_another_thread_stops_within_one_batch(fake_run):
+    cancel = threading.Event()
+    fake_run.on_call = lambda n: cancel.set()  # cancelled while the first batch runs
+    outcome = {}
+
+    def work():
+        try:
+            Predictor("fake", device="cpu").predict(np.zeros((20, 30, 30)), (2.5, 1.5, 1.5), tta=True,
+                                                    batch_size=2, cancel=cancel)
+        except Cancelled as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(60)
+    assert isinstance(outcome.get("error"), MaskSAMError)
+    assert fake_run.calls == 8  # the 8 mirrored passes of the first batch, nothing after
+
+
+def test_accumulation_on_the_gpu_only_when_it_fits(monkeypatch):
+    # 3 channels over 10×10×10: (3 + 1) × 1000 × 4 = 16000 bytes; allowed: half the free memory
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (32_000, 10**9))
+    assert accumulation_device(cuda, 3, (10, 10, 10)) == cuda
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (31_999, 10**9))
+    assert accumulation_device(cuda, 3, (10, 10, 10)) == torch.device("cpu")
+    assert accumulation_device(torch.device("cpu"), 3, (10, 10, 10)) == torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+OBLIQUE = np.array([[0.8660254, -0.5, 0.0, -40.0], [0.4330127, 0.75, -2.5, 12.5],
+                    [0.25, 0.4330127, 4.330127, 7.25], [0.0, 0.0, 0.0, 1.0]])  # columns 1, 1, 5 mm
+
+
+@pytest.mark.parametrize("affine,codes", [
+    (np.diag([1.0, 1.0, 5.0, 1.0]) + np.array([[0, 0, 0, -12.0], [0, 0, 0, 30.5], [0, 0, 0, -7.0], [0] * 4]), "RAS"),
+    (np.diag([-1.0, -1.0, 5.0, 1.0]) + np.array([[0, 0, 0, 20.0], [0, 0, 0, 15.0], [0, 0, 0, 3.0], [0] * 4]), "LPS"),
+    (OBLIQUE, None),
+])
+def test_cli_keeps_geometry_and_the_object_stays_put(fake_run, tmp_path, affine, codes, capsys):
+    volume, mask = box_volume()
+    (tmp_path / "in").mkdir()
+    image = nib.Nifti1Image(volume.transpose(2, 1, 0), affine)
+    image.header.set_qform(affine, code=1)
+    nib.save(image, tmp_path / "in" / "scan_0000.nii.gz")
+    if codes:
+        assert "".join(nib.aff2axcodes(affine)) == codes
+    assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m", "fake",
+                 "--device", "cpu", "--no-tta"]) == 0
+    src, out = nib.load(tmp_path / "in" / "scan_0000.nii.gz"), nib.load(tmp_path / "out" / "scan.nii.gz")
+    assert np.array_equal(out.affine, src.affine) and np.allclose(src.affine, affine, atol=1e-5)
+    for get in ("get_sform", "get_qform"):
+        (a, code_a), (b, code_b) = getattr(out.header, get)(coded=True), getattr(src.header, get)(coded=True)
+        assert np.array_equal(a, b) and code_a == code_b
+    labels = np.asarray(out.dataobj).transpose(2, 1, 0)
+    assert labels.shape == volume.shape and labels.dtype == np.uint8
+    assert_object_on_its_voxels(labels, mask)
+    names = json.loads((tmp_path / "out" / "scan.classes.json").read_text())
+    assert names == {"0": "background", "1": "object"}
+
+
+def test_cli_tiff_input_gives_tiff_output(fake_run, tmp_path):
+    import tifffile
+
+    from masksam_core.io import read_image
+
+    volume, mask = box_volume()
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "stack.tif", volume)
+    (tmp_path / "in" / "stack.tif.json").write_text(json.dumps({"spacing": [5.0, 1.0, 1.0]}))
+    assert main(["predict", "-i", str(tmp_path / "in" / "stack.tif"), "-o", str(tmp_path / "out"), "-m", "x",
+                 "--device", "cpu", "--no-tta"]) == 0
+    labels, geometry = read_image(tmp_path / "out" / "stack.tif")
+    assert geometry.spacing == (5.0, 1.0, 1.0)
+    assert_object_on_its_voxels(labels, mask)
+
+
+def write_cases(folder: Path, n: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    volume, _ = box_volume((4, 16, 16), (slice(1, 3), slice(4, 10), slice(4, 10)))
+    for i in range(n):
+        nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0), np.diag([1.0, 1.0, 2.5, 1.0])),
+                 folder / f"case{i}_0000.nii.gz")
+    return [f"case{i}" for i in range(n)]
+
+
+def test_cli_skips_finished_cases_unless_overwrite(fake_run, tmp_path, capsys):
+    write_cases(tmp_path / "in", 2)
+    args = ["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m", "x", "--no-tta"]
+    assert main(args) == 0
+    first = (tmp_path / "out" / "case0.nii.gz").stat().st_mtime_ns
+    (tmp_path / "out" / "case1.nii.gz").unlink()
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 existing" in out and "predicted 1," in out
+    assert (tmp_path / "out" / "case1.nii.gz").exists()
+    assert (tmp_path / "out" / "case0.nii.gz").stat().st_mtime_ns == first
+    assert main([*args, "--save-probabilities"]) == 0  # .npz missing: not finished
+    assert "predicted 2," in capsys.readouterr().out
+    assert main([*args, "--overwrite"]) == 0
+    assert "predicted 2," in capsys.readouterr().out
+    with np.load(tmp_path / "out" / "case0.npz") as npz:
+        assert npz["probabilities"].dtype == np.float16 and npz["probabilities"].shape == (2, 4, 16, 16)
+        np.testing.assert_allclose(npz["probabilities"].astype(np.float32).sum(0), 1.0, atol=2e-3)
+        assert list(npz["class_names"]) == ["background", "object"]
+        labels = np.asarray(nib.load(tmp_path / "out" / "case0.nii.gz").dataobj).transpose(2, 1, 0)
+        assert (npz["probabilities"].argmax(0) == labels).mean() > 0.99  # float16 may tie at borders
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
+
+
+def test_cli_reports_a_corrupt_file_and_finishes_the_others(fake_run, tmp_path, capsys):
+    write_cases(tmp_path / "in", 2)
+    (tmp_path / "in" / "broken_0000.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m", "x", "--no-tta"]) == 1
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["case0.nii.gz", "case1.nii.gz"]
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("failed")]
+    assert len(err) == 1 and "broken_0000.nii.gz" in err[0] and "corrupt" in err[0]
+
+
+def test_find_cases_groups_channels_and_plain_names(tmp_path):
+    for name in ["a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz", "b_0002.nii.gz", "plain.nii.gz",
+                 "stack.tif", "scan_2020.nii", ".hidden_0000.nii.gz", "notes.txt", "dup.nii.gz", "dup_0000.nii"]:
+        (tmp_path / name).touch()
+    for folder, files in {"series1": ["IM0001", "IM0002"], "series2": ["x.dcm"], "other": ["y.nii.gz"],
+                          "out": ["IM1"]}.items():
+        (tmp_path / folder).mkdir()
+        for f in files:
+            (tmp_path / folder / f).touch()
+    cases = {c.id: c for c in find_cases(tmp_path, exclude=tmp_path / "out")}
+    assert sorted(cases) == ["a", "b", "dup", "plain", "scan_2020", "series1", "series2", "stack"]
+    assert [f.name for f in cases["a"].files] == ["a_0000.nii.gz", "a_0001.nii.gz"] and not cases["a"].problem
+    assert "b_0001" in cases["b"].problem
+    assert cases["dup"].problem and "rename" in cases["dup"].problem
+    assert cases["series1"].files == [tmp_path / "series1"] and cases["stack"].is_tiff
+    single = find_cases(tmp_path / "a_0001.nii.gz")
+    assert len(single) == 1 and [f.name for f in single[0].files] == ["a_0000.nii.gz", "a_0001.nii.gz"]
+
+
+def test_torchrun_ranks_split_the_cases(fake_run, tmp_path, monkeypatch, capsys):
+    cases = [Case(f"c{i}", [Path(f"c{i}.nii.gz")]) for i in range(5)]
+    assert [c.id for c in cases_for_rank(cases, 0, 2)] == ["c0", "c2", "c4"]
+    assert [c.id for c in cases_for_rank(cases, 1, 2)] == ["c1", "c3"]
+    assert [c.id for c in cases_for_rank(cases, 2, 3)] == ["c2"]
+    ids = write_cases(tmp_path / "in", 3)
+    written = []
+    for rank in (1, 0):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        before = set((tmp_path / "out").glob("*.nii.gz")) if (tmp_path / "out").exists() else set()
+        assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m", "x", "--no-tta"]) == 0
+        written.append(sorted(p.name for p in set((tmp_path / "out").glob("*.nii.gz")) - before))
+        assert f"[rank {rank}/2]" in capsys.readouterr().out
+    assert written == [[f"{ids[1]}.nii.gz"], [f"{ids[0]}.nii.gz", f"{ids[2]}.nii.gz"]]
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(MaskSAMError, match="RANK"):
+        distributed_env()
+
+
+def test_cli_refuses_writing_into_the_input_folder(fake_run, tmp_path, capsys):
+    write_cases(tmp_path / "in", 1)
+    assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "in"), "-m", "x"]) == 1
+    assert "input folder" in capsys.readouterr().err
+    assert main(["predict", "-i", str(tmp_path / "nothing"), "-o", str(tmp_path / "o"), "-m", "x"]) == 1
+
+
+def test_predictor_is_exported_lazily():
+    code = ("import sys, masksam_core; assert 'torch' not in sys.modules; "
+            "from masksam_core import Predictor; assert 'torch' in sys.modules and Predictor.predict_iter")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- end to end on real data
+
+
+@pytest.mark.slow
+def test_end_to_end_on_abdomen_ct(shared_data, tmp_path, capsys):
+    ds = shared_data / "Dataset501_AbdomenCT"
+    run = tmp_path / "run"
+    assert main(["train", str(ds), "--preset", "tiny", "--out", str(run), "--epochs", "1", "--iters-per-epoch", "2",
+                 "--num-workers", "0", "--val-fraction", "0", "--device", "cpu"]) == 0
+    out = tmp_path / "pred"
+    args = ["predict", "-i", str(ds / "imagesTr"), "-o", str(out), "-m", str(run), "--device", "cpu",
+            "--no-tta", "--step-size", "1", "--batch-size", "4"]
+    assert main(args) == 0
+    scan = nib.load(ds / "imagesTr" / "abdct_001_0000.nii.gz")
+    pred = nib.load(out / "abdct_001.nii.gz")
+    assert pred.shape == scan.shape and np.array_equal(pred.affine, scan.affine)
+    assert np.asarray(pred.dataobj).max() <= 8 and pred.get_data_dtype() == np.uint8
+    labels = json.loads((ds / "dataset.json").read_text())["labels"]
+    names = json.loads((out / "abdct_001.classes.json").read_text())
+    assert names == {str(v): k for k, v in labels.items()}
+    if importlib.util.find_spec("masksam_core.evaluation") is None:
+        return
+    summary = tmp_path / "summary.json"
+    assert main(["evaluate", "--pred", str(out), "--gt", str(ds / "labelsTr"), "--dataset-json",
+                 str(ds / "dataset.json"), "-o", str(summary)]) == 0
+    result = json.loads(summary.read_text())
+    assert 0.0 <= result["mean_dice"] <= 1.0 and set(result["per_class"]) == set(labels) - {"background"}

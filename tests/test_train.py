@@ -1,0 +1,301 @@
+"""``masksam-core train``: resuming after kill -9 and Ctrl-C, extending a run, DDP, errors, load_run, progress.
+
+The references are independent of the code under test: a run that never stopped (same seed, CPU) for
+resumed runs, rank 0 against rank 1 for DDP, hand-computed poly learning rates (Eq. 2), and the file
+system (audit hooks) for which rank writes. Runs use the ``tiny`` preset with one 2×64×64 patch per
+iteration and 2 iterations per epoch; those that start processes are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from masksam_core.cli import main
+from masksam_core.training.checkpoint import load_run
+from masksam_core.training.trainer import TrainConfig, Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from phantom import make_phantom_dataset  # noqa: E402
+
+SETTINGS = ["--preset", "tiny", "--iters-per-epoch", "2", "--batch-size", "1", "--patch-size", "2", "64", "64",
+            "--val-fraction", "0", "--seed", "3", "--device", "cpu"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_phantom_dataset(tmp_path_factory.mktemp("data") / "Dataset900_Phantom", cases=3, shape=(64, 64, 8))
+
+
+def command(dataset: Path, out: Path, *extra: str, workers: int = 0) -> list[str]:
+    return [sys.executable, "-m", "masksam_core", "train", str(dataset), "--out", str(out),
+            "--num-workers", str(workers), *extra]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
+        return subprocess.Popen(cmd, stdout=out, stderr=err, env=ENV)
+
+
+def finish(cmd: list[str], log: Path, timeout: float = 600) -> tuple[int, str, str]:
+    proc = start(cmd, log)
+    rc = proc.wait(timeout)
+    return rc, log.with_suffix(".out").read_text(), log.with_suffix(".err").read_text()
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 600) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (status {proc.returncode}) before {what}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def checkpoint(run: Path) -> dict:
+    return torch.load(run / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture(scope="module")
+def straight(phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The reference: 4 epochs without a stop."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    rc, out, err = finish(command(phantom, run, *SETTINGS, "--epochs", "4"), run.parent / "log")
+    assert rc == 0, err[-3000:]
+    return {"run": run, "out": out, "err": err}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill9_after_two_epochs_then_resume_equals_straight_run(phantom, straight, tmp_path, workers):
+    run = tmp_path / "run"
+    proc = start(command(phantom, run, *SETTINGS, "--epochs", "4", workers=workers), tmp_path / "first")
+    wait_for(lambda: len(metrics(run)) >= 2, proc, "metrics.jsonl showed 2 epochs")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL
+    killed = checkpoint(run)
+    assert (killed["epoch"], killed["iteration"]) == (2, 0)
+    # resume with only what it needs: the settings come from the checkpoint
+    rc, _, err = finish(command(phantom, run, "--resume", "--device", "cpu", workers=workers), tmp_path / "second")
+    assert rc == 0, err[-3000:]
+    final, reference = checkpoint(run), checkpoint(straight["run"])
+    assert final["epoch"] == 4
+    assert_same_weights(final["model"], reference["model"])
+    with pytest.raises(AssertionError):  # training moved the weights: equality above is not trivial
+        assert_same_weights(killed["model"], reference["model"])
+    rows, ref_rows = metrics(run), metrics(straight["run"])
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+    assert [r["lr"] for r in rows] == [r["lr"] for r in ref_rows]
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_epoch_saves_and_resume_equals_straight_run(phantom, straight, tmp_path):
+    run = tmp_path / "run"
+    proc = start(command(phantom, run, *SETTINGS, "--epochs", "4"), tmp_path / "first")
+    err_log = tmp_path / "first.err"
+    wait_for(lambda: "epoch 2/4:" in err_log.read_text(), proc, "epoch 2 started")
+    proc.send_signal(signal.SIGINT)  # during the first of the epoch's two iterations
+    assert proc.wait(300) == 0, err_log.read_text()[-3000:]
+    out, err = (tmp_path / "first.out").read_text(), err_log.read_text()
+    assert "stopping after this iteration and saving a checkpoint" in err
+    assert re.search(r"interrupted: saved .*checkpoint_last\.pt at epoch 2, iteration 1; continue with --resume", out)
+    stopped = checkpoint(run)
+    assert (stopped["epoch"], stopped["iteration"]) == (1, 1)
+    assert [r["epoch"] for r in metrics(run)] == [1]
+    rc, _, err = finish(command(phantom, run, *SETTINGS, "--resume"), tmp_path / "second")
+    assert rc == 0, err[-3000:]
+    assert_same_weights(checkpoint(run)["model"], checkpoint(straight["run"])["model"])
+    rows, ref_rows = metrics(run), metrics(straight["run"])
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]  # epoch 2 counts both its halves
+    assert rows[1]["iterations"] == 2
+
+
+def test_progress_output_shows_loss_lr_and_rate(phantom, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(phantom), "--out", str(run), *SETTINGS, "--epochs", "2", "--num-workers", "0"]) == 0
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    rows = metrics(run)
+    assert len(lines) == len(rows) == 2
+    for line, row in zip(lines, rows):
+        m = re.fullmatch(r"epoch (\d)/2: loss (\d+\.\d{4}), lr (\S+) \((\d+) s(, about .+ left)?\)", line)
+        assert m, line
+        assert int(m.group(1)) == row["epoch"]
+        assert float(m.group(2)) == pytest.approx(row["loss"], abs=5e-5)
+        assert float(m.group(3)) == pytest.approx(1e-3 * (1 - (row["epoch"] - 1) / 2) ** 0.9, rel=1e-2)  # Eq. 2
+        assert (m.group(5) is None) == (row["epoch"] == 2)  # the time left, until the last epoch
+    # the bar: always it/s (also below 1 it/s), the last iteration's loss, and the lr
+    bars = re.findall(r"epoch 1/2: 100%\|[^|]*\| 2/2 \[[0-9:]+<[0-9:]+,\s+[0-9.]+it/s, loss=(\d+\.\d{4}), "
+                      r"lr=1\.00e-03\]", err)
+    assert bars, err[-2000:]
+    assert re.search(r"epoch 2/2: 100%.*lr=5\.36e-04\]", err)
+    assert "s/it" not in err
+
+
+@pytest.mark.slow
+def test_resume_with_more_epochs_extends_a_finished_run(phantom, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(phantom), "--out", str(run), *SETTINGS, "--epochs", "1", "--num-workers", "0"]) == 0
+    first = metrics(run)
+    assert main(["train", str(phantom), "--out", str(run), "--resume", "--epochs", "2", "--num-workers", "0"]) == 0
+    rows = metrics(run)
+    assert rows[0] == first[0]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0]["lr"] == pytest.approx(1e-3)
+    assert rows[1]["lr"] == pytest.approx(1e-3 * 0.5 ** 0.9)  # Eq. 2 over the new total of 2 epochs
+    state = checkpoint(run)
+    assert (state["epoch"], state["scheduler"]["max_epochs"], len(state["history"])) == (2, 2, 2)
+    capsys.readouterr()
+    # finished: nothing to do, said clearly; a smaller --epochs is an error
+    assert main(["train", str(phantom), "--out", str(run), "--resume", "--num-workers", "0"]) == 0
+    assert "has already trained 2 epochs: pass a larger --epochs" in capsys.readouterr().out
+    assert main(["train", str(phantom), "--out", str(run), "--resume", "--epochs", "1"]) == 1
+    assert "has already trained 2 epochs: pass --epochs 3 or more" in capsys.readouterr().err
+    assert main(["train", str(phantom), "--out", str(run), "--resume", "--epochs", "3", "--batch-size", "2"]) == 1
+    assert "was trained with --batch-size 1, not 2" in capsys.readouterr().err
+    assert len(metrics(run)) == 2
+
+
+def test_time_limit_stops_and_saves(phantom, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = main(["train", str(phantom), "--out", str(run), *SETTINGS, "--epochs", "4", "--num-workers", "0",
+               "--time-limit", "0.0001"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "time limit of 0.0001 minutes reached: saved" in out and "epoch 1, iteration 1" in out
+    state = checkpoint(run)
+    assert (state["epoch"], state["iteration"], state["partial"]["iterations"]) == (0, 1, 1)
+    assert metrics(run) == []
+
+
+@pytest.fixture(scope="module")
+def trained(phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Trainer:
+    """An in-process tiny run of one epoch (with validation on one case)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    trainer = Trainer(TrainConfig(str(phantom), str(run), preset="tiny", epochs=1, iters_per_epoch=2, batch_size=1,
+                                  patch_size=(2, 64, 64), val_cases=("ph_002",), device="cpu", num_workers=0, seed=5))
+    events = list(trainer.run())
+    assert events[-1].kind == "done"
+    return trainer
+
+
+def test_load_run_rebuilds_the_trained_model(trained):
+    model, ckpt = load_run(trained.out)
+    assert ckpt["class_names"] == ["background", "ball", "box"]
+    assert_same_weights(model.trainable_state_dict(), trained.model.trainable_state_dict())
+    assert_same_weights(model.sam.state_dict(), trained.model.sam.state_dict())
+    x = torch.randn(1, 1, 2, 64, 64, generator=torch.Generator().manual_seed(0))
+    trained.model.eval()
+    with torch.no_grad():
+        a, b = model(x), trained.model(x)
+    for key in ("pred_logits", "pred_masks"):
+        assert torch.equal(a[key], b[key]), key
+    assert "val_mean_dice" in metrics(trained.out)[0]
+    assert sorted(p.name for p in trained.out.iterdir() if p.is_file()) == [
+        "checkpoint_best.pt", "checkpoint_last.pt", "config.json", "curves.png", "metrics.jsonl", "plans.json"]
+
+
+def test_errors_are_clear(phantom, tmp_path, capsys, trained):
+    run = tmp_path / "run"
+    (run).mkdir()
+    (run / "checkpoint_last.pt").write_bytes(b"")
+    assert main(["train", str(phantom), "--out", str(run), *SETTINGS]) == 1
+    assert "already holds a run (checkpoint_last.pt): pass --resume" in capsys.readouterr().err
+
+    assert main(["train", str(phantom), "--out", str(tmp_path / "none"), "--resume"]) == 1
+    assert "nothing to resume:" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+    assert main(["train", str(phantom), "--out", str(tmp_path / "q"), *SETTINGS, "--num-queries", "2"]) == 1
+    assert "--num-queries 2 is less than the data set's 3 classes" in capsys.readouterr().err
+
+    assert main(["train", str(phantom), "--out", str(tmp_path / "lr"), *SETTINGS, "--lr", "-1"]) == 1
+    assert "--lr -1.0 is out of range" in capsys.readouterr().err
+
+    assert main(["train", str(phantom), "--out", str(trained.out), "--resume", "--preset", "lite"]) == 1
+    assert "was trained with --preset tiny, not lite" in capsys.readouterr().err
+
+
+def test_broken_data_set_is_reported_before_anything_heavy(phantom, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "Dataset901_Broken"
+    shutil.copytree(phantom, broken)
+    (broken / "labelsTr" / "ph_001.nii.gz").unlink()
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    assert main(["train", str(broken), "--out", str(run), *SETTINGS]) == 1
+    err = capsys.readouterr().err
+    assert "ph_001" in err and "problem" in err
+    assert not run.exists() or not any(run.iterdir())  # nothing planned, preprocessed or saved
+    assert time.monotonic() - t0 < 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_keep_identical_parameters(phantom, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "ranks"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "--master_addr=127.0.0.1", str(Path(__file__).parent / "ddp_worker.py"), str(out), "--",
+           str(phantom), "--out", str(run), *SETTINGS, "--epochs", "2", "--num-workers", "0",
+           "--val-cases", "ph_002"]
+    rc, stdout, stderr = finish(cmd, tmp_path / "torchrun")
+    assert rc == 0, stderr[-4000:]
+    assert [(out / f"rc_rank{r}.txt").read_text() for r in (0, 1)] == ["0", "0"]
+    a, b = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
+    assert_same_weights(a, b)
+    assert_same_weights(a, checkpoint(run)["model"])
+    writes = [json.loads((out / f"writes_rank{r}.json").read_text()) for r in (0, 1)]
+    assert writes[0] and writes[1] == []  # only rank 0 writes files
+    assert stdout.count("finished 2 epochs") == 1 and stdout.count("epoch 1/2: loss") == 1
+    assert "(2 processes)" in stdout
+    rows = metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2] and all("val_mean_dice" in r for r in rows)
+
+
+def test_loader_leaves_the_global_rng_alone(phantom, tmp_path):
+    """Criterion point sampling draws from the global RNG, saved in checkpoints: starting an epoch's loader
+    must not draw from it, or a run resumed mid-epoch would sample other points than a straight one."""
+    from masksam_core.training.checkpoint import resolve_config
+    from masksam_core.training.data_setup import prepare_data
+
+    config = resolve_config(TrainConfig(str(phantom), str(tmp_path / "run"), preset="tiny", iters_per_epoch=2,
+                                        batch_size=1, patch_size=(2, 64, 64), val_fraction=0, num_workers=0))
+    data = prepare_data(config, tmp_path / "run", patch_size=(2, 64, 64))
+    before = torch.get_rng_state()
+    batches = list(data.loader(epoch=1, start_iteration=1))
+    assert len(batches) == 1 and torch.equal(before, torch.get_rng_state())
+    plain = torch.utils.data.DataLoader(data.loader(epoch=1).dataset, batch_size=1)
+    iter(plain)  # what a DataLoader without its own generator does
+    assert not torch.equal(before, torch.get_rng_state())
