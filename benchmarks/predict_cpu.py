@@ -1,0 +1,88 @@
+"""Whole-volume prediction time and peak memory on the sample abdominal CT.
+
+For each model (an untrained run of the preset: the speed does not depend on the weights) and each
+TTA setting, one subprocess predicts ../shared/data/Dataset501_AbdomenCT's scan (122×101×112 voxels,
+3 mm) with ``Predictor`` and reports wall time, windows and the process's peak resident memory.
+Runs are made once with ``masksam-core train --epochs 1 --iters-per-epoch 1`` and cached in
+``--work``. Writes JSON and a markdown table.
+
+    python benchmarks/predict_cpu.py [--presets tiny lite] [--tta off on] [--device cpu]
+        [--data ../shared/data] [--work /tmp/masksam-bench] [--out benchmarks/results/predict_cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time
+from masksam_core.inference.predictor import Predictor
+from masksam_core.io import read_image
+run, image, tta, device = sys.argv[1], sys.argv[2], sys.argv[3] == "on", sys.argv[4]
+volume, geometry = read_image(image)
+predictor = Predictor(run, device=device)
+start = time.perf_counter()
+windows = 0
+gen = predictor.predict_iter(volume, geometry.spacing, tta=tta)
+while True:
+    try:
+        progress = next(gen)
+        windows = progress.total
+    except StopIteration:
+        break
+seconds = time.perf_counter() - start
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": seconds, "windows": windows, "peak_rss_mb": peak_mb}))
+"""
+
+
+def make_run(preset: str, data: Path, work: Path) -> Path:
+    run = work / f"run_{preset}"
+    if not (run / "checkpoint_last.pt").exists():
+        subprocess.run([sys.executable, "-m", "masksam_core", "train", str(data), "--preset", preset,
+                        "--out", str(run), "--epochs", "1", "--iters-per-epoch", "1", "--batch-size", "1",
+                        "--val-fraction", "0", "--num-workers", "0", "--device", "cpu"], check=True)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "lite"])
+    parser.add_argument("--tta", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/masksam-bench"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "predict_cpu")
+    args = parser.parse_args()
+    dataset = args.data / "Dataset501_AbdomenCT"
+    image = dataset / "imagesTr" / "abdct_001_0000.nii.gz"
+    rows = []
+    for preset in args.presets:
+        run = make_run(preset, dataset, args.work)
+        for tta in args.tta:
+            out = subprocess.run([sys.executable, "-c", CHILD, str(run), str(image), tta, args.device],
+                                 check=True, capture_output=True, text=True, encoding="utf-8")
+            row = {"preset": preset, "tta": tta, **json.loads(out.stdout.strip().splitlines()[-1])}
+            rows.append(row)
+            print(row, flush=True)
+    import torch
+
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": torch.get_num_threads(), "torch": torch.__version__, "device": args.device}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    lines = [f"Machine: {machine['processor']}, {machine['cpus']} threads, torch {machine['torch']}, "
+             f"device {args.device}.", "", "| preset | TTA | windows | seconds | peak RSS (MB) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['preset']} | {r['tta']} | {r['windows']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |"
+              for r in rows]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
