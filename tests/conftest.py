@@ -92,6 +92,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         return
     problem = _gui_problem()
     if problem is None:
+        # Tests call masksam_core directly after a viewer exists; load triton first, as the widgets do.
+        from napari_masksam._compat import load_triton_beside_mesa
+
+        load_triton_beside_mesa()
         return
     if _require_gui():
         pytest.fail(f"gui test cannot run and {REQUIRE_GUI_ENV}=1: {problem}", pytrace=False)

@@ -1,0 +1,377 @@
+"""The *Train (MaskSAM)* widget: train a model on a data-set folder or on the open layers.
+
+It only gathers settings and shows progress; ``masksam_core``'s :class:`Trainer` does the work, in a
+napari worker thread (:func:`._worker.run_job`). Sources: a folder in the nnU-Net v2 raw layout, or
+an Image layer and the Labels layer painted on it (exported as a one-case data set into the run
+folder, see :mod:`._dataset_export`). Stop asks the trainer to save a checkpoint and end; a run that
+ends with a checkpoint is added to the models of the *Segment (MaskSAM)* widget.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from magicgui.widgets import (
+    CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton,
+    RadioButtons, SpinBox,
+)
+
+from masksam_core.devices import available_devices
+from masksam_core.errors import MaskSAMError
+
+from . import _models
+from ._dataset_export import DATASET_FOLDER, LayersData, check_split, layers_training_data, write_dataset
+from ._compat import load_triton_beside_mesa
+from ._worker import Job, run_job
+
+if TYPE_CHECKING:
+    import napari
+
+    from masksam_core.training.trainer import TrainConfig, TrainEvent
+
+__all__ = ["TrainWidget", "TrainingPlot", "default_preset"]
+
+FOLDER, LAYERS = "data-set folder", "open layers"
+RUNS_FOLDER = "masksam-runs"
+
+
+def default_preset() -> str:
+    """``lite`` where its weights (the ``lite`` extra) are installed, else ``tiny``."""
+    from masksam_core import weights
+
+    return "lite" if weights.path("lite") is not None else "tiny"
+
+
+class TrainingPlot:
+    """Training loss per iteration and per epoch, validation mean Dice per epoch (x axis: epochs).
+
+    A matplotlib canvas for a Qt layout; :meth:`update` redraws at most every ``interval`` seconds.
+    """
+
+    def __init__(self, interval: float = 0.4) -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.interval, self._drawn = interval, 0.0
+        self.figure = Figure(figsize=(4.0, 3.2), layout="constrained")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(220)
+        self.loss_ax, self.dice_ax = self.figure.subplots(2, 1, sharex=True)
+        (self.iter_line,) = self.loss_ax.plot([], [], lw=0.8, alpha=0.6, label="iteration")
+        (self.epoch_line,) = self.loss_ax.plot([], [], "o-", ms=3, label="epoch mean")
+        (self.dice_line,) = self.dice_ax.plot([], [], "o-", ms=3, color="C2")
+        self.loss_ax.set(ylabel="training loss")
+        self.loss_ax.legend(loc="upper right", fontsize="small")
+        self.dice_ax.set(ylabel="val. mean Dice", xlabel="epoch", ylim=(0, 1))
+        self.clear()
+
+    def clear(self) -> None:
+        self.iter_x, self.iter_loss, self.epoch_x, self.epoch_loss, self.dice_x, self.dice = ([] for _ in range(6))
+        self.update(force=True)
+
+    def add_iteration(self, x: float, loss: float) -> None:
+        self.iter_x.append(x)
+        self.iter_loss.append(loss)
+        self.update()
+
+    def add_epoch(self, epoch: int, loss: float, dice: float | None) -> None:
+        self.epoch_x.append(epoch)
+        self.epoch_loss.append(loss)
+        if dice is not None:
+            self.dice_x.append(epoch)
+            self.dice.append(dice)
+        self.update(force=True)
+
+    def update(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._drawn < self.interval:
+            return
+        self._drawn = now
+        self.iter_line.set_data(self.iter_x, self.iter_loss)
+        self.epoch_line.set_data(self.epoch_x, self.epoch_loss)
+        self.dice_line.set_data(self.dice_x, self.dice)
+        self.loss_ax.relim()
+        self.loss_ax.autoscale_view()
+        self.dice_ax.set_xlim(0, 1.04 * max([1.0, *self.iter_x[-1:], *self.epoch_x[-1:]]))
+        self.canvas.draw_idle()
+
+
+class TrainWidget(Container):
+    """Train MaskSAM from the viewer: source, preset, schedule, run folder, device; Start and Stop."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        load_triton_beside_mesa()
+        from masksam_core.modeling.presets import PRESETS
+
+        self._viewer = viewer
+        self.job: Job | None = None
+        self.trainer: Any = None  # the running Trainer
+        self._auto_out = True  # the output folder follows the source's name until the user picks one
+        preset = default_preset()
+        self.source = RadioButtons(label="train on", choices=[FOLDER, LAYERS], value=FOLDER, orientation="horizontal")
+        self.dataset = FileEdit(label="data set", mode="d", tooltip="nnU-Net v2 raw layout; see docs/training.md")
+        self.image = ComboBox(label="image", choices=self._layers("Image"))
+        self.labels_layer = ComboBox(label="labels", choices=self._layers("Labels"), tooltip="painted on the image")
+        self.split_info = Label(value="")
+        self.preset = ComboBox(label="preset", choices=list(PRESETS), value=preset,
+                               tooltip="\n".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
+        self.epochs = SpinBox(label="epochs", min=1, max=100_000, value=PRESETS[preset].epochs)
+        self.iters = SpinBox(label="iterations / epoch", min=1, max=1_000_000, value=250)
+        self.minutes = FloatSpinBox(label="time budget (min)", min=0, max=1e6, value=0, tooltip="0: no limit")
+        self.out = FileEdit(label="output folder", mode="d", tooltip="the run folder (created)")
+        self.resume = CheckBox(text="resume the run in the output folder", tooltip="with its settings; epochs may grow")
+        self.device = ComboBox(label="device", choices=["auto", *available_devices()], value="auto")
+        self.advanced = CheckBox(text="advanced settings", value=False)
+        self.batch_size = SpinBox(label="batch size", min=1, max=1024, value=2)
+        self.patch_size = LineEdit(label="patch T H W", value="", tooltip="empty: the preset's patch size")
+        self.queries = SpinBox(label="queries", min=0, max=1024, value=0, tooltip="0: the preset's")
+        self.lr = FloatSpinBox(label="learning rate", min=1e-5, max=1.0, step=1e-5, value=1e-3)
+        self.val_fraction = FloatSpinBox(label="validation fraction", min=0.0, max=0.9, step=0.05, value=0.2)
+        self.workers = SpinBox(label="loader processes", min=0, max=64, value=2)
+        self._advanced = [self.batch_size, self.patch_size, self.queries, self.lr, self.val_fraction, self.workers]
+        self.start_button, self.stop_button = PushButton(text="Start"), PushButton(text="Stop", enabled=False)
+        self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
+        self.stats, self.status = Label(value=""), Label(value="")
+        super().__init__(widgets=[
+            self.source, self.dataset, self.image, self.labels_layer, self.split_info, self.preset, self.epochs,
+            self.iters, self.minutes, self.out, self.resume, self.device, self.advanced, *self._advanced,
+            self.start_button, self.stop_button, self.progress,
+        ])
+        self.plot = TrainingPlot()
+        for label in (self.stats, self.status):  # full width, and long messages wrap instead of widening the dock
+            label.native.setWordWrap(True)
+            self.native.layout().addWidget(label.native)
+        self.native.layout().addWidget(self.plot.canvas)
+
+        self.source.changed.connect(self._on_source)
+        self.dataset.changed.connect(self._refresh_out)
+        self.image.changed.connect(self._on_image)
+        self.val_fraction.changed.connect(self._on_split)
+        self.preset.changed.connect(lambda name: setattr(self.epochs, "value", PRESETS[name].epochs))
+        self.out.changed.connect(lambda _: setattr(self, "_auto_out", False))  # the user picked a folder
+        self.advanced.changed.connect(self._show_advanced)
+        self.start_button.changed.connect(self.start)
+        self.stop_button.changed.connect(self.stop)
+        for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
+            event.connect(self._reset_layers)
+        self._show_advanced(False)
+        self._on_source(FOLDER)
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def running(self) -> bool:
+        return self.job is not None and self.job.running
+
+    def _layers(self, kind: str) -> Any:
+        def choices(_widget: Any) -> list[tuple[str, Any]]:
+            return [(layer.name, layer) for layer in self._viewer.layers if type(layer).__name__ == kind]
+        return choices
+
+    def _reset_layers(self, _event: Any = None) -> None:
+        self.image.reset_choices()
+        self.labels_layer.reset_choices()
+        self._on_image(self.image.value)
+
+    def _show_advanced(self, shown: bool) -> None:
+        for widget in self._advanced:
+            widget.visible = shown
+
+    def _on_source(self, source: str) -> None:
+        self.dataset.visible = source != LAYERS
+        self.image.visible = self.labels_layer.visible = self.split_info.visible = source == LAYERS
+        self._on_image(self.image.value)
+
+    def _on_image(self, layer: Any) -> None:
+        """Pick a Labels layer on the image's grid (if the chosen one is not), then name the run after it."""
+        labels, shape = self.labels_layer.value, getattr(getattr(layer, "data", None), "shape", None)
+        if shape is not None and (labels is None or labels.data.shape != shape):
+            match = [c for c in self.labels_layer.choices if c is not None and c.data.shape == shape]
+            if match:
+                self.labels_layer.value = match[0]
+        self._on_split()
+        self._refresh_out()
+
+    def _on_split(self, _value: Any = None) -> None:
+        f = self.val_fraction.value
+        self.split_info.value = f"validation: the last {f:.0%} of the slices (Z)" if f > 0 else "no validation"
+
+    def _default_out(self) -> Path:
+        """~/masksam-runs/<source name>-<date and time>, a folder that does not exist yet."""
+        source = self.image.value if self.source.value == LAYERS else Path(self.dataset.value)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(getattr(source, "name", ""))).strip("._") or "run"
+        base = out = Path.home() / RUNS_FOLDER / f"{name}-{datetime.now():%Y%m%d-%H%M}"
+        for k in range(2, 1000):
+            if not out.exists():
+                break
+            out = base.with_name(f"{base.name}-{k}")
+        return out
+
+    def _refresh_out(self, _value: Any = None) -> None:
+        if self._auto_out and not self.running:
+            with self.out.changed.blocked():
+                self.out.value = self._default_out()
+
+    def _message(self, text: str, level: str = "info") -> None:
+        from napari.utils import notifications
+
+        self.status.value = text
+        getattr(notifications, f"show_{level}")(text)
+
+    def _out_folder(self, resume: bool) -> Path:
+        """The run folder, never written over: an existing run needs 'resume', other files another folder."""
+        if self._auto_out and not resume:
+            self._refresh_out()
+        out = Path(self.out.value).expanduser().resolve()
+        has_run = (out / "checkpoint_last.pt").is_file()
+        if resume and not has_run:
+            raise MaskSAMError(f"nothing to resume: {out} holds no run (checkpoint_last.pt); untick 'resume' "
+                               "to start a new run, or choose the folder of the run to continue")
+        if not resume and has_run:
+            raise MaskSAMError(f"{out} already holds a training run: tick 'resume' to continue it, or choose "
+                               "another output folder")
+        if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise MaskSAMError(f"the output folder {out} is not empty: choose a new or empty folder (a run is "
+                               "never written over other files)")
+        return out
+
+    def _settings(self, resume: bool) -> dict[str, Any]:
+        """The trainer's settings from the widgets; none when resuming (the run's own are used)."""
+        if resume:
+            return {}
+        text = self.patch_size.value.replace(",", " ").replace("x", " ").split()
+        if text and (len(text) != 3 or not all(t.isdigit() and int(t) > 0 for t in text)):
+            raise MaskSAMError(f"patch size {self.patch_size.value!r}: give three positive integers T H W "
+                               "(e.g. 8 256 256), or leave it empty for the preset's")
+        return {"preset": self.preset.value, "iters_per_epoch": self.iters.value, "batch_size": self.batch_size.value,
+                "lr": self.lr.value, "val_fraction": self.val_fraction.value,
+                "patch_size": tuple(int(t) for t in text) if text else None, "num_queries": self.queries.value or None}
+
+    def plan(self) -> tuple[TrainConfig, LayersData | None]:
+        """(The trainer's config, the layers to export or None); raises MaskSAMError saying what to fix."""
+        from masksam_core.training.trainer import TrainConfig
+
+        resume, data, missing = bool(self.resume.value), None, []
+        if self.source.value == LAYERS:
+            data = layers_training_data(self.image.value, self.labels_layer.value)
+            missing = check_split(data.labels, data.class_names, 0.0 if resume else self.val_fraction.value)
+        else:
+            from masksam_core.data.dataset import check_dataset
+
+            problems = check_dataset(self.dataset.value, deep=False)
+            if problems:
+                more = f" (and {len(problems) - 3} more: masksam-core check lists them)" if len(problems) > 3 else ""
+                raise MaskSAMError("the data set has problems: " + "; ".join(map(str, problems[:3])) + more)
+        out = self._out_folder(resume)
+        dataset = out / DATASET_FOLDER if data is not None else Path(self.dataset.value)
+        config = TrainConfig(dataset=str(dataset), out=str(out), epochs=self.epochs.value, device=self.device.value,
+                             resume=resume, time_limit=self.minutes.value or None, num_workers=self.workers.value,
+                             **self._settings(resume))
+        if missing:
+            self._message(f"{', '.join(missing)}: only in the validation slices, so not trained", "warning")
+        return config, data
+
+    # ------------------------------------------------------------------ running
+    def start(self) -> Job | None:
+        """Check the inputs and start training; a problem becomes a notification (and None is returned)."""
+        if self.running:
+            return self.job
+        try:
+            config, data = self.plan()
+        except MaskSAMError as error:
+            self._message(f"Training not started: {error}", "warning")
+            return None
+        from masksam_core.training.trainer import Trainer, TrainEvent
+
+        self._out, self.trainer, self._stopping, self._iterating = Path(config.out), None, False, False
+        self._times, self._epoch_seconds = deque(maxlen=20), []  # iteration clock; seconds per epoch
+        self._total_epochs, self._iters_per_epoch = config.epochs or 1, config.iters_per_epoch or 1
+        self._deadline = time.monotonic() + config.time_limit * 60 if config.time_limit else None
+        self.plot.clear()
+        self.progress.value, self.stats.value = 0, ""
+        self._set_running(True)
+        self.status.value = f"starting: run folder {config.out}"
+
+        def make(cancel_event: Any) -> Any:
+            if data is not None:
+                yield TrainEvent("setup", message=f"writing the layers as a data set in {config.dataset}")
+                write_dataset(data, config.out, overwrite=config.resume)
+            self.trainer = Trainer(config)
+            return (yield from self.trainer.run())
+
+        self.job = run_job(make, "Training", on_yield=self._on_event, on_finish=self._on_finish)
+        return self.job
+
+    def stop(self) -> None:
+        """First press: save a checkpoint after this iteration and end. Before the first iteration, or on a
+        second press, abort at the next step (no new checkpoint)."""
+        if not self.running or self.job is None:
+            return
+        if self.trainer is not None and self._iterating and not self._stopping:
+            self._stopping = True
+            self.trainer.request_stop("stopped from the Train widget")
+            self.stop_button.text = "Abort (no checkpoint)"
+            self.status.value = "stopping: saving a checkpoint after this iteration"
+        else:
+            self.status.value = "aborting"
+            self.job.cancel()
+
+    def _set_running(self, running: bool) -> None:
+        self.start_button.enabled, self.stop_button.enabled = not running, running
+        self.stop_button.text = "Stop"
+
+    def _on_event(self, event: TrainEvent) -> None:
+        n = self._iters_per_epoch
+        self._total_epochs = event.epochs or self._total_epochs
+        if event.kind == "epoch_start":
+            self._iters_per_epoch = n = event.iterations or n
+            self.progress.max = self._total_epochs * n
+            self.progress.value = event.epoch * n + event.iteration
+            self._epoch_started = time.monotonic()
+            self.status.value = f"epoch {event.epoch + 1}/{event.epochs}"
+        elif event.kind == "iteration":
+            self._iterating = True
+            self._times.append(time.monotonic())
+            done = self.progress.value = event.epoch * n + event.iteration
+            self.plot.add_iteration(event.epoch + event.iteration / n, event.loss)
+            self.stats.value = f"loss {event.loss:.4f} · lr {event.lr:.2e}" + self._speed(done)
+        elif event.kind == "epoch":
+            from masksam_core.training.cli import epoch_line
+
+            self._epoch_seconds.append(time.monotonic() - self._epoch_started)
+            mean = sum(self._epoch_seconds[-5:]) / len(self._epoch_seconds[-5:])
+            self.status.value = epoch_line(event, mean * (event.epochs - event.epoch))
+            self.progress.value = event.epoch * n
+            self.plot.add_epoch(event.epoch, event.loss, (event.metrics or {}).get("val_mean_dice"))
+        if event.message and event.kind in ("setup", "stopped", "done"):
+            self.status.value = event.message
+
+    def _speed(self, done: int) -> str:
+        """' · 2.31 it/s · ETA 4 min' from the last iterations and epochs (validation included), within the budget."""
+        if len(self._times) < 2:
+            return ""
+        rate = (len(self._times) - 1) / max(self._times[-1] - self._times[0], 1e-9)
+        n, total = self._iters_per_epoch, self._total_epochs * self._iters_per_epoch
+        left = (total - done) / rate
+        if self._epoch_seconds:
+            per_epoch = sum(self._epoch_seconds[-5:]) / len(self._epoch_seconds[-5:])
+            left = (-done % n) / rate + (total - done) // n * per_epoch
+        if self._deadline is not None:
+            left = max(0.0, min(left, self._deadline - time.monotonic()))
+        from masksam_core.training.cli import _duration
+
+        return f" · {rate:.2f} it/s · ETA {_duration(left)}"
+
+    def _on_finish(self, job: Job) -> None:
+        self._set_running(False)
+        self.plot.update(force=True)
+        if job.error is None and (self._out / "checkpoint_last.pt").is_file():
+            _models.add_run(self._out)
+            how = "stopped" if self._stopping or job.cancel_event.is_set() else "finished"
+            self._message(f"Training {how}: the run is in {self._out} (tick 'resume' to continue it); it is listed "
+                          "in the models of Segment (MaskSAM)")
+        self._auto_out = False  # the folder stays on this run: Start again needs 'resume' or another folder

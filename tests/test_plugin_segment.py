@@ -1,0 +1,227 @@
+"""The Segment widget in a napari viewer: a random-weight ``tiny`` run on a crop of the real CT.
+
+Checks the result layer against a direct ``Predictor.predict`` (same labels, the run's class
+names, the image's scale/translate/affine/geometry), that a second run (in the thread worker)
+updates the same layer without reloading the model, that Cancel stops within a second, and
+that bad input becomes a notification, never an exception.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from masksam_core.inference.predictor import Predictor
+from masksam_core.io import read_image
+from napari_masksam import _models
+from napari_masksam._layers import GEOMETRY_KEY, image_layer_kwargs
+from napari_masksam._segment_widget import SegmentWidget, device_choices
+
+from runs import write_tiny_run
+
+pytestmark = pytest.mark.gui
+
+CT = "Dataset501_AbdomenCT/imagesTr/abdct_001_0000.nii.gz"
+CLASSES = ["background", "object", "other"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def own_runs_list(tmp_path, monkeypatch):
+    """A fresh remembered-runs list in a temporary cache folder."""
+    monkeypatch.setenv("MASKSAM_CACHEDIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_models, "_session", [])
+
+
+@pytest.fixture
+def notes():
+    """The (severity, message) of every napari notification shown during the test."""
+    from napari.utils.notifications import notification_manager
+
+    seen: list[tuple[str, str]] = []
+
+    def keep(event):
+        seen.append((str(event.severity), str(event.message)))
+
+    notification_manager.notification_ready.connect(keep)
+    yield seen
+    notification_manager.notification_ready.disconnect(keep)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return write_tiny_run(tmp_path_factory.mktemp("tiny_run"))
+
+
+@pytest.fixture(scope="module")
+def ct(shared_data):
+    return read_image(shared_data / CT)
+
+
+def crop_layer(viewer, ct, z=(50, 53), y=(40, 52), x=(40, 52), name="ct crop"):
+    """An Image layer of a crop of the CT, with the crop's own geometry (origin moved to the crop)."""
+    volume, geometry = ct
+    crop = np.ascontiguousarray(volume[slice(*z), slice(*y), slice(*x)])
+    affine = geometry.affine.copy()
+    affine[:3, 3] = geometry.affine[:3, :3] @ np.array([x[0], y[0], z[0]]) + geometry.affine[:3, 3]
+    cropped = dataclasses.replace(geometry, affine=affine, shape=crop.shape, header=None)
+    kwargs = image_layer_kwargs(crop, cropped, name)
+    kwargs["translate"] = tuple(float(v) for v in affine[:3, 3][::-1])  # as if placed in world mm
+    return viewer.add_image(crop, **kwargs)
+
+
+def make_widget(viewer):
+    """The widget as napari makes it from the plugin's manifest (it gets a public-only proxy of the viewer)."""
+    _, widget = viewer.window.add_plugin_dock_widget("napari-masksam", "Segment (MaskSAM)")
+    assert isinstance(widget, SegmentWidget)
+    return widget
+
+
+def errors(notes):
+    return [message for severity, message in notes if severity == "error"]
+
+
+def test_segment_matches_predictor_and_a_second_run_updates_the_layer(make_napari_viewer, qtbot, ct, tiny_run,
+                                                                       notes, monkeypatch):
+    viewer = make_napari_viewer()
+    image = crop_layer(viewer, ct)
+    _models.add_run(tiny_run)
+    widget = make_widget(viewer)
+    assert widget.image.value is image
+    assert widget.model.value == str(tiny_run.resolve())
+    assert widget.model.combo.native.currentText() == f"run: {tiny_run.name} (trained)"
+    widget.tta.value = False
+
+    job = widget.run(sync=True)
+    assert job.done and job.error is None and not errors(notes)
+    layer = viewer.layers["ct crop [MaskSAM]"]
+    expected = Predictor(tiny_run, device="cpu").predict(image.data, image.scale, tta=False).labels
+    np.testing.assert_array_equal(layer.data, expected)
+    assert list(layer.features["name"]) == CLASSES and list(layer.features["index"]) == [0, 1, 2]
+    np.testing.assert_array_equal(layer.scale, image.scale)
+    np.testing.assert_array_equal(layer.translate, image.translate)
+    np.testing.assert_array_equal(layer.affine.affine_matrix, image.affine.affine_matrix)
+    geometry = layer.metadata[GEOMETRY_KEY]
+    assert geometry is image.metadata[GEOMETRY_KEY] and geometry.shape == image.data.shape
+    assert widget.panel.status.value.startswith("done") and widget.panel.progress.value == widget.panel.progress.max
+
+    loads = []
+    monkeypatch.setattr("masksam_core.inference.predictor.Predictor.__init__",
+                        lambda *a, **k: loads.append(1) or pytest.fail("the model was loaded again"))
+    layer.data = np.zeros_like(layer.data)
+    job = widget.run()  # in the thread worker
+    assert job.running and not widget.panel.run_button.enabled
+    qtbot.waitUntil(lambda: job.done, timeout=60_000)
+    assert job.error is None and not errors(notes) and not loads
+    assert job.first_yield is not None and job.first_yield < job.seconds
+    assert [lay.name for lay in viewer.layers] == ["ct crop", "ct crop [MaskSAM]"]
+    assert viewer.layers["ct crop [MaskSAM]"] is layer
+    np.testing.assert_array_equal(layer.data, expected)
+    assert widget.panel.run_button.enabled and not widget.panel.cancel_button.enabled
+
+
+def test_cancel_stops_within_a_second(make_napari_viewer, qtbot, ct, tiny_run, notes, monkeypatch):
+    calls = []
+
+    def slow_scores(self, batch):  # 50 ms per window batch, and no real network
+        calls.append(len(batch))
+        time.sleep(0.05)
+        return torch.zeros(len(batch), len(self.class_names), *batch.shape[2:])
+
+    monkeypatch.setattr(Predictor, "_scores", slow_scores)
+    viewer = make_napari_viewer()
+    crop_layer(viewer, ct, z=(40, 60), y=(20, 70), x=(20, 70))  # hundreds of windows: tens of seconds
+    _models.add_run(tiny_run)
+    widget = make_widget(viewer)
+    job = widget.run()
+    qtbot.waitUntil(lambda: widget.panel.progress.value >= 3, timeout=60_000)
+    assert "windows, ETA" in widget.panel.status.value
+    total = widget.panel.progress.max
+    start = time.perf_counter()
+    widget.panel.cancel_button.native.click()  # as the user
+    qtbot.waitUntil(lambda: job.done, timeout=5_000)
+    assert time.perf_counter() - start < 1.0
+    assert job.cancelled and job.error is None and len(calls) < total
+    assert ("info", "Segment (MaskSAM): stopped") in notes and not errors(notes)
+    assert "ct crop [MaskSAM]" not in viewer.layers
+    assert widget.panel.status.value == "stopped" and widget.panel.run_button.enabled
+    done = len(calls)
+    qtbot.wait(200)
+    assert len(calls) == done  # nothing runs on after the stop
+
+
+def test_bad_input_becomes_a_notification(make_napari_viewer, qtbot, ct, tiny_run, tmp_path, notes, monkeypatch):
+    viewer = make_napari_viewer()
+    widget = make_widget(viewer)
+    job = widget.run()
+    assert job.done and "no image layer chosen" in str(job.error)
+    assert errors(notes)[-1].startswith("Segment (MaskSAM) failed: no image layer chosen")
+
+    viewer.add_image(np.zeros((20, 30), np.float32), name="flat")
+    widget.run()
+    assert "'flat' has 2 dimensions" in errors(notes)[-1]
+
+    crop_layer(viewer, ct)
+    widget.run()
+    assert "no model to choose" in errors(notes)[-1]
+
+    gt_run = write_tiny_run(tmp_path / "gt_run", prompt_mode="gt")
+    _models.add_run(gt_run)
+    assert widget.model.value == str(gt_run.resolve())  # no config.json: its mode shows only on loading
+    job = widget.run()  # the worker loads it and fails
+    qtbot.waitUntil(lambda: job.done, timeout=60_000)
+    assert "gt-mode run" in errors(notes)[-1] and "masksam-core prompt" in errors(notes)[-1]
+    assert widget.panel.status.value.startswith("failed")
+
+    _models.add_run(tiny_run)
+    widget.model.value = str(tiny_run.resolve())
+
+    def broken(self, batch):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Predictor, "_scores", broken)
+    job = widget.run()  # torch's errors are RuntimeErrors: they too must end the job
+    qtbot.waitUntil(lambda: job.done, timeout=60_000)
+    assert errors(notes)[-1].endswith("unexpected error: RuntimeError: boom")
+    assert [lay.name for lay in viewer.layers] == ["flat", "ct crop"]
+
+
+def test_model_list_bundled_runs_and_browse(make_napari_viewer, tmp_path, tiny_run, monkeypatch, notes):
+    import masksam_core
+
+    monkeypatch.setattr(masksam_core, "bundled_models", lambda: {"abdomen-ct": "/models/abdomen"}, raising=False)
+    gt_run = tmp_path / "gt_run"
+    gt_run.mkdir()
+    (gt_run / "checkpoint_last.pt").write_bytes(b"")
+    (gt_run / "config.json").write_text(json.dumps({"prompt_mode": "gt"}))
+    _models.add_run(gt_run)
+    assert _models.model_choices() == [("abdomen-ct (bundled)", "/models/abdomen")]
+    assert ("run: gt_run (trained, box prompts)", str(gt_run.resolve())) in _models.box_model_choices()
+
+    widget = make_widget(make_napari_viewer())
+    assert widget.model.value == "/models/abdomen"
+    assert widget.device.choices[0] == "auto" and widget.device.choices[1:] == tuple(device_choices()[1:])
+    assert widget.tta.value is True and widget.step_size.value == 0.5
+    widget.model.browse.value = tmp_path  # not a run: ignored
+    assert len(_models.known_runs()) == 1
+    widget.model.browse.value = tiny_run  # as chosen in the Browse... dialog
+    assert _models.known_runs()[0] == tiny_run.resolve()
+    assert widget.model.value == str(tiny_run.resolve())
+    assert widget.model.combo.choices == ("/models/abdomen", str(tiny_run.resolve()))
+    assert json.loads(_models.runs_file().read_text())[0] == str(tiny_run.resolve())
+    widget.model.browse.value = gt_run  # a box-prompt run: remembered, listed in the other widget
+    text = "added run: gt_run (trained, box prompts): it is listed in the Box prompt widget, not here"
+    assert notes[-1] == ("info", text)
+    assert widget.model.value == str(tiny_run.resolve())
