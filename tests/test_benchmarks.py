@@ -1,0 +1,144 @@
+"""The benchmark suite (benchmarks/run.py): a fast end-to-end run, its FLOP count and nnU-Net's plan."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The ``benchmarks`` package (the repository root on sys.path while these tests run)."""
+    sys.path.insert(0, str(REPO_ROOT))
+    try:
+        yield importlib.import_module("benchmarks.run")
+    finally:
+        sys.path.remove(str(REPO_ROOT))
+
+
+def test_suite_smoke(bench, tmp_path):
+    """encoder + predict (with nnU-Net, with and without TTA) + train on tiny sizes: files and numbers."""
+    results = bench.main(["--device", "cpu", "--parts", "encoder,predict,train", "--backbones", "tiny",
+                          "--presets", "tiny", "--volume", "4", "32", "32", "--warmup", "1", "--repeats", "1",
+                          "--matmul-size", "128", "--threads", "1", "--out", str(tmp_path)])
+    on_disk = json.loads((tmp_path / "suite_cpu.json").read_text())
+    assert on_disk["settings"]["volume"] == [4, 32, 32]
+    assert {"machine", "matmul", "encoder", "predict", "train", "nnunet_plan", "flops_method"} <= set(on_disk)
+    assert bench.failed(results) == []
+
+    assert on_disk["matmul"]["status"] == "ok" and on_disk["matmul"]["tflops"] > 0
+    (enc,) = on_disk["encoder"]
+    assert (enc["backbone"], enc["image_size"], enc["status"]) == ("tiny", 64, "ok")
+    for key in ("gflop_per_image", "images_per_s", "ms_per_image", "tflops", "fraction_of_matmul"):
+        assert enc[key] > 0, key
+    assert enc["ms_per_image"] == pytest.approx(1000 / enc["images_per_s"])
+
+    rows = {(r["model"], r["tta"]): r for r in on_disk["predict"]}
+    assert set(rows) == {(m, t) for m in ("nnunet_3d_fullres", "masksam_tiny") for t in (False, True)}
+    for (_, tta), row in rows.items():
+        assert row["status"] == "ok", row
+        assert row["windows"] == 1  # the 4×32×32 volume fits in one window of either model
+        assert row["network_passes"] == (8 if tta else 1)
+        assert 0 < row["windows_s"] <= row["seconds"]
+        assert row["peak_memory_gib"] > 0
+    assert rows[("masksam_tiny", False)]["patch_size"] == [4, 64, 64]
+    assert on_disk["nnunet_plan"]["patch_size"] == [4, 32, 32]  # planned for this volume
+
+    (train,) = on_disk["train"]
+    assert train["status"] == "ok" and train["batch_size"] == 2
+    assert train["seconds_per_step"] > 0 and train["peak_memory_gib"] > 0 and train["trainable_params_m"] > 0
+
+    md = (tmp_path / "suite_cpu.md").read_text()
+    for header in ("| backbone | input |", "| model | patch | windows |", "| preset | patch |"):
+        assert header in md
+    assert "| tiny | 64² | 1 |" in md and "| nnunet_3d_fullres | 4×32×32 | 1 |" in md
+    assert "| masksam_tiny | 4×64×64 | 1 |" in md and "| tiny | 4×64×64 |" in md
+
+
+def _vit_flops(image: int, patch: int, dim: int, depth: int, window: int, globals_: tuple[int, ...],
+               out: int = 256) -> int:
+    """SAM ViT encoder FLOPs written out by hand (2 per multiply-add): patch embedding, per block
+    qkv + projection (on window-padded tokens in windowed blocks), attention Q·Kᵀ and A·V, decomposed
+    relative-position terms, MLP, then the 1×1 and 3×3 neck convolutions."""
+    side = image // patch
+    tokens = side * side
+    total = 2 * tokens * (patch * patch * 3) * dim
+    for block in range(depth):
+        if block in globals_:
+            n_windows, size = 1, side
+        else:
+            padded = -(-side // window) * window
+            n_windows, size = (padded // window) ** 2, window
+        n = size * size
+        total += n_windows * (2 * n * dim * 4 * dim + 4 * n * n * dim + 4 * n * size * dim)
+        total += 2 * tokens * dim * 8 * dim
+    total += 2 * tokens * dim * out + 2 * tokens * 9 * out * out
+    return total
+
+
+def test_encoder_flops_match_hand_count(bench):
+    from benchmarks._bench_encoder import encoder_flops
+
+    expected = _vit_flops(1024, 16, 768, 12, 14, (2, 5, 8, 11))
+    assert encoder_flops("vit_b", 1024) == expected
+    assert expected / 1e9 == pytest.approx(972.08, abs=0.01)  # METHOD.md: ViT-B 1024² 972 GFLOP
+
+
+def test_nnunet_plan_for_default_ct(bench):
+    """nnU-Net's planner rules give the documented 3d_fullres network for 128×512×512 at 3×0.78×0.78 mm."""
+    import torch
+
+    from benchmarks._bench_nnunet import DEFAULT_PLAN, build_plain_unet, plan_3d_fullres
+
+    plan = plan_3d_fullres((128, 512, 512), (3.0, 0.78, 0.78), num_classes=14)
+    assert plan == DEFAULT_PLAN
+    net = build_plain_unet(plan, 1, 14, device="meta")
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(30.7e6, rel=0.01)
+    out = net(torch.empty(1, 1, *plan.patch_size, device="meta"))
+    assert tuple(out.shape) == (1, 14, *plan.patch_size)
+
+
+def test_missing_package_is_a_clear_error(bench, monkeypatch, tmp_path):
+    import torch
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "dynamic_network_architectures" else real(name, *a))
+    with pytest.raises(SystemExit, match="pip download --no-deps"):
+        bench.main(["--device", "cpu", "--parts", "predict", "--out", str(tmp_path)])
+    assert not (tmp_path / "suite_cpu.json").exists()
+    # without the comparison the same package is not needed
+    settings = bench.resolve(bench.parse_args(["--parts", "predict", "--no-nnunet"]), torch.device("cpu"))
+    bench.check_packages(settings)
+
+
+def test_missing_module_of_a_part_is_named(bench, monkeypatch, tmp_path):
+    real = importlib.import_module
+
+    def fake(name, *args, **kwargs):
+        if name == "masksam_core.training.trainer":
+            raise ModuleNotFoundError("No module named 'monai'", name="monai")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(SystemExit, match=r"monai \(needed by: train\)"):
+        bench.main(["--device", "cpu", "--parts", "encoder,train", "--out", str(tmp_path)])
+    assert not (tmp_path / "suite_cpu.json").exists()
+
+
+def test_tta_limit_skips_and_records_the_estimate(bench, tmp_path):
+    results = bench.main(["--device", "cpu", "--parts", "predict", "--no-nnunet", "--presets", "tiny",
+                          "--volume", "4", "32", "32", "--tta-limit", "0", "--tag", "limit", "--threads", "1",
+                          "--out", str(tmp_path)])
+    plain, tta = results["predict"]
+    assert (plain["tta"], plain["status"], tta["tta"], tta["status"]) == (False, "ok", True, "skipped")
+    assert tta["estimate_s"] == pytest.approx(8 * plain["windows_s"])
+    assert bench.failed(results) == []
+    assert "skipped (~" in (tmp_path / "suite_cpu_limit.md").read_text()
