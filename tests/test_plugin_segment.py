@@ -225,3 +225,15 @@ def test_model_list_bundled_runs_and_browse(make_napari_viewer, tmp_path, tiny_r
     text = "added run: gt_run (trained, box prompts): it is listed in the Box prompt widget, not here"
     assert notes[-1] == ("info", text)
     assert widget.model.value == str(tiny_run.resolve())
+
+
+def test_runs_with_the_same_folder_name_stay_apart(tmp_path):
+    """Two runs named alike in different places are two entries, each labelled with its path."""
+    first, second = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    for run in (first, second):
+        run.mkdir(parents=True)
+        _models.add_run(run)
+    runs = [(label, value) for label, value in _models.model_choices() if value in (str(first), str(second))]
+    assert sorted(value for _, value in runs) == [str(first), str(second)]
+    assert len({label for label, _ in runs}) == 2
+    assert all(value in label for label, value in runs)

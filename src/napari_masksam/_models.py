@@ -116,6 +116,12 @@ def run_label(path: str | os.PathLike) -> str:
     return f"run: {name} (trained{', box prompts' if mode == 'gt' else ''})"
 
 
+def _unique(choices: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Labels that clash (runs of the same folder name in different places) get their full path."""
+    labels = [label for label, _ in choices]
+    return [(f"{label} {value}" if labels.count(label) > 1 else label, value) for label, value in choices]
+
+
 def bundled_models() -> Choices:
     """Models shipped with ``masksam_core`` (``masksam_core.bundled_models()``, where it exists).
 
@@ -140,7 +146,7 @@ def bundled_models() -> Choices:
 
 def model_choices(*_: Any) -> Choices:
     """Segment: bundled models, then the known runs that predict on their own (not gt-mode ones)."""
-    runs = [(run_label(p), str(p)) for p in known_runs() if run_prompt_mode(p) != "gt"]
+    runs = _unique([(run_label(p), str(p)) for p in known_runs() if run_prompt_mode(p) != "gt"])
     return bundled_models() + runs
 
 
@@ -159,7 +165,7 @@ def box_model_choices(*_: Any) -> Choices:
         else:
             state = f"needs download, {info.size / 1e6:,.0f} MB"
         choices.append((f"{name}: {what} ({state})", name))
-    runs = [(run_label(p), str(p)) for p in known_runs() if run_prompt_mode(p) != "auto"]
+    runs = _unique([(run_label(p), str(p)) for p in known_runs() if run_prompt_mode(p) != "auto"])
     return choices + runs
 
 
