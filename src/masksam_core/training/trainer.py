@@ -134,7 +134,7 @@ class Trainer:
         num_points = int(self.overrides.get("num_points", self.preset.num_points))
         self.criterion = SetCriterion(
             data.num_classes, HungarianMatcher(num_points=num_points), num_points=num_points
-        )
+        ).to(device)  # its no-object class weight must live where the logits are
         mask_weight = float(self.overrides.get("mask_loss_weight", self.preset.mask_loss_weight))
         self.weights = loss_weights(mask_weight=mask_weight)
         self.amp = autocast_dtype(device, c.amp)
