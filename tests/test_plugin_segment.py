@@ -237,3 +237,36 @@ def test_runs_with_the_same_folder_name_stay_apart(tmp_path):
     assert sorted(value for _, value in runs) == [str(first), str(second)]
     assert len({label for label, _ in runs}) == 2
     assert all(value in label for label, value in runs)
+
+
+def test_reader_segment_writer_keeps_the_source_affine(make_napari_viewer, ct, tiny_run, tmp_path, notes):
+    """File > Open (the plugin's reader) -> Segment -> File > Save: the labels file has the scan's affine."""
+    import nibabel as nib
+
+    from masksam_core.io import write_image
+
+    volume, geometry = ct
+    crop = np.ascontiguousarray(volume[50:53, 40:52, 40:52])
+    rotation = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # oblique in-plane, as scanners write
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([3.0, 3.0, 3.0])
+    affine[:3, 3] = (-12.5, 40.0, 7.0)
+    source = tmp_path / "scan.nii.gz"
+    write_image(source, crop, dataclasses.replace(geometry, affine=affine, shape=crop.shape, header=None))
+
+    viewer = make_napari_viewer()
+    [image] = viewer.open(str(source), plugin="napari-masksam")
+    _models.add_run(tiny_run)
+    widget = make_widget(viewer)
+    widget.image.value = image
+    widget.tta.value = False
+    job = widget.run(sync=True)
+    assert job.error is None and not errors(notes)
+    labels = viewer.layers["scan [MaskSAM]"]
+    assert list(labels.features["name"]) == CLASSES
+
+    out = tmp_path / "scan_labels.nii.gz"
+    labels.save(str(out), plugin="napari-masksam")
+    saved, scan = nib.load(out), nib.load(source)
+    np.testing.assert_array_equal(saved.affine, scan.affine)
+    np.testing.assert_array_equal(np.asarray(saved.dataobj).transpose(2, 1, 0), labels.data)
