@@ -52,7 +52,7 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
 def finish(cmd: list[str], log: Path, timeout: float = 600) -> tuple[int, str, str]:
     proc = start(cmd, log)
     rc = proc.wait(timeout)
-    return rc, log.with_suffix(".out").read_text(), log.with_suffix(".err").read_text()
+    return rc, log.with_suffix(".out").read_text(encoding="utf-8"), log.with_suffix(".err").read_text(encoding="utf-8")
 
 
 def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 600) -> None:
@@ -68,7 +68,7 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 600)
 
 def metrics(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
 
 
 def checkpoint(run: Path) -> dict:
@@ -119,10 +119,10 @@ def test_ctrl_c_mid_epoch_saves_and_resume_equals_straight_run(phantom, straight
     run = tmp_path / "run"
     proc = start(command(phantom, run, *SETTINGS, "--epochs", "4"), tmp_path / "first")
     err_log = tmp_path / "first.err"
-    wait_for(lambda: "epoch 2/4:" in err_log.read_text(), proc, "epoch 2 started")
+    wait_for(lambda: "epoch 2/4:" in err_log.read_text(encoding="utf-8"), proc, "epoch 2 started")
     proc.send_signal(signal.SIGINT)  # during the first of the epoch's two iterations
-    assert proc.wait(300) == 0, err_log.read_text()[-3000:]
-    out, err = (tmp_path / "first.out").read_text(), err_log.read_text()
+    assert proc.wait(300) == 0, err_log.read_text(encoding="utf-8")[-3000:]
+    out, err = (tmp_path / "first.out").read_text(encoding="utf-8"), err_log.read_text(encoding="utf-8")
     assert "stopping after this iteration and saving a checkpoint" in err
     assert re.search(r"interrupted: saved .*checkpoint_last\.pt at epoch 2, iteration 1; continue with --resume", out)
     stopped = checkpoint(run)
@@ -272,11 +272,11 @@ def test_ddp_two_processes_keep_identical_parameters(phantom, tmp_path):
            "--val-cases", "ph_002"]
     rc, stdout, stderr = finish(cmd, tmp_path / "torchrun")
     assert rc == 0, stderr[-4000:]
-    assert [(out / f"rc_rank{r}.txt").read_text() for r in (0, 1)] == ["0", "0"]
+    assert [(out / f"rc_rank{r}.txt").read_text(encoding="utf-8") for r in (0, 1)] == ["0", "0"]
     a, b = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
     assert_same_weights(a, b)
     assert_same_weights(a, checkpoint(run)["model"])
-    writes = [json.loads((out / f"writes_rank{r}.json").read_text()) for r in (0, 1)]
+    writes = [json.loads((out / f"writes_rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
     assert writes[0] and writes[1] == []  # only rank 0 writes files
     assert stdout.count("finished 2 epochs") == 1 and stdout.count("epoch 1/2: loss") == 1
     assert "(2 processes)" in stdout

@@ -194,7 +194,7 @@ def load_class_names(dataset_json: str | os.PathLike) -> dict[int, str]:
     path = Path(dataset_json)
     path = path / "dataset.json" if path.is_dir() else path
     try:
-        labels = json.loads(path.read_text())["labels"]
+        labels = json.loads(path.read_text(encoding="utf-8"))["labels"]
         names = {int(v): str(k) for k, v in labels.items() if not isinstance(v, bool)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise MaskSAMError(f"{path}: cannot read class names ({error!r}); give a dataset.json with "
@@ -210,7 +210,7 @@ def _sidecar_names(predictions: dict[str, Path]) -> dict[int, str] | None:
         sidecar = classes_sidecar(path)
         if sidecar.is_file():
             try:
-                return {int(k): str(v) for k, v in json.loads(sidecar.read_text()).items()}
+                return {int(k): str(v) for k, v in json.loads(sidecar.read_text(encoding="utf-8")).items()}
             except (ValueError, TypeError, AttributeError) as error:
                 raise MaskSAMError(f"{sidecar}: expected {{\"1\": \"liver\", ...}} ({error}); fix or "
                                    "delete it, or pass --dataset-json") from error

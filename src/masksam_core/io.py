@@ -183,7 +183,7 @@ def _tiff_spacing(path: Path, tif: tifffile.TiffFile) -> tuple[float, float, flo
     for sidecar in (spacing_sidecar(path), path.with_name(_split_suffix(path)[0] + ".json")):
         if sidecar.is_file():
             try:
-                spacing = tuple(float(s) for s in json.loads(sidecar.read_text())["spacing"])
+                spacing = tuple(float(s) for s in json.loads(sidecar.read_text(encoding="utf-8"))["spacing"])
             except (ValueError, KeyError, TypeError) as error:
                 raise MaskSAMError(f"{sidecar}: expected JSON like {{\"spacing\": [sz, sy, sx]}} "
                                    f"({error}); fix or delete this file") from error

@@ -50,7 +50,7 @@ def runs_file() -> Path:
 
 def _read() -> list[str]:
     try:
-        entries = json.loads(runs_file().read_text())
+        entries = json.loads(runs_file().read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
     return [str(e) for e in entries] if isinstance(entries, list) else []
@@ -102,7 +102,7 @@ def run_prompt_mode(path: str | os.PathLike) -> str | None:
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     try:
-        mode = json.loads((folder / "config.json").read_text()).get("prompt_mode")
+        mode = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("prompt_mode")
     except (OSError, ValueError, AttributeError):
         return None
     return str(mode) if mode else None

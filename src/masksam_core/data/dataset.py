@@ -103,7 +103,7 @@ def _parse_json(root: Path) -> tuple[dict[str, Any] | None, list[Problem]]:
         return None, [Problem(path, f"missing; create it (keys channel_names, labels, file_ending; "
                                     f"layout: {LAYOUT})")]
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as error:
         return None, [Problem(path, f"not valid JSON ({error}); fix the syntax")]
     if not isinstance(meta, dict):

@@ -85,7 +85,7 @@ def _as_locations(raw: Mapping) -> dict[int, np.ndarray]:
 def _meta_locations(path: str, mtime_ns: int) -> dict[int, np.ndarray] | None:
     """``class_locations`` of a case's JSON ({"1": [[z, y, x], ...]}), or None when it has none."""
     try:
-        raw = json.loads(Path(path).read_text())["class_locations"]
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))["class_locations"]
         return _as_locations(raw) if isinstance(raw, Mapping) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -292,7 +292,7 @@ def load_plans(path: str | Path) -> dict:
         raise PlansError(f"plans file not found: {path}; plan the data set first (masksam-core train writes "
                          f"plans.json into its run folder)")
     try:
-        plans = json.loads(path.read_text())
+        plans = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise PlansError(f"plans file {path} is not readable JSON ({error}); delete it and plan again") from None
     if not isinstance(plans, dict):

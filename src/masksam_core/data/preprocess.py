@@ -289,7 +289,7 @@ def build_case(case: Any, plans: dict, cache_dir: Path) -> str:
 def _read_index(cache_dir: Path) -> dict[str, str]:
     """The {case: key} table of ``cache.json``; empty when absent, unreadable or of another version."""
     try:
-        index = json.loads((cache_dir / "cache.json").read_text())
+        index = json.loads((cache_dir / "cache.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     if not isinstance(index, dict) or index.get("version") != CACHE_VERSION:

@@ -213,7 +213,7 @@ def read_metrics(path: Path, epochs: int) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
         except ValueError:

@@ -30,7 +30,7 @@ def write_curves(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
         return
     epochs = [r["epoch"] for r in rows]
