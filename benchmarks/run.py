@@ -27,7 +27,7 @@ Parts (``--parts encoder,predict,train``):
    per item through ``/proc/self/clear_refs``).
 
 Windows per 128×512×512 volume (×8 network passes with TTA): nnU-Net 125 (48×192×192), acdc 567
-(4×256×256, ViT-B at 1024²), synapse 81 (26×256×256), amos 28 (9×512×512), lite 279 (8×256×256),
+(4×256×256, ViT-B at 1024²), synapse 81 (26×256×256), amos 28 (9×512×512), lite 567 (4×256×256),
 tiny 14,175 (4×64×64). On a GPU with little time, split the run (``--parts``, ``--presets``, ``--tag``
 names the files ``suite_<device>_<tag>``) and/or pass ``--tta-limit SECONDS``, which skips a model's
 TTA run (recorded as ``skipped`` with its estimate) when 8× its run without TTA would exceed it.

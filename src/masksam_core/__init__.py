@@ -11,10 +11,17 @@ from .errors import MaskSAMError
 if TYPE_CHECKING:
     from .inference.predictor import Predictor
 
-__all__ = ["MaskSAMError", "Predictor", "__version__"]
+__all__ = ["BoxPrompter", "MaskSAMError", "Predictor", "__version__", "bundled_models"]
 
 # heavy classes (they import torch) load on first access, so `import masksam_core` stays light
 _LAZY = {"Predictor": ".inference.predictor", "BoxPrompter": ".inference.box_prompt"}
+
+
+def bundled_models() -> dict:
+    """Name -> file of the trained models shipped with masksam_core (see :mod:`masksam_core.models`)."""
+    from .models import bundled_models as found
+
+    return found()
 
 
 def __getattr__(name: str) -> object:

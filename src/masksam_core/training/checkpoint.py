@@ -130,8 +130,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"cannot read checkpoint {path} ({type(error).__name__}: {error}); the file is corrupt or "
             "not a MaskSAM checkpoint: use checkpoint_best.pt / checkpoint_last.pt of a run folder"
         ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "masksam-run":
-        raise MaskSAMError(f"{path} is not a MaskSAM run checkpoint (made by `masksam-core train`)")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in ("masksam-run", "masksam-model"):
+        raise MaskSAMError(f"{path} is not a MaskSAM run checkpoint or model file (made by `masksam-core train` "
+                           "or `masksam-core export`)")
     if ckpt.get("format", 0) > FORMAT:
         raise MaskSAMError(f"{path} was written by a newer napari-masksam: upgrade the package to read it")
     return ckpt
@@ -224,8 +225,11 @@ def read_metrics(path: Path, epochs: int) -> list[dict[str, Any]]:
 
 
 def resolve_run(path: str | Path) -> Path:
-    """A run folder (its checkpoint_best.pt, else checkpoint_last.pt) or a checkpoint file."""
-    path = Path(path)
+    """A run folder (its checkpoint_best.pt, else checkpoint_last.pt), a checkpoint or model file, or the
+    name of a bundled model (``abdomen-ct-lite``)."""
+    from ..models import find_model
+
+    path = find_model(path)
     if path.is_dir():
         for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
             if (path / name).is_file():

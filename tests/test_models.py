@@ -1,0 +1,67 @@
+"""Model files (`masksam-core export`), bundled-model names, and the size of the `lite` preset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from masksam_core import models
+from masksam_core.cli import main
+from masksam_core.errors import MaskSAMError
+from masksam_core.inference.predictor import Predictor
+from masksam_core.training.checkpoint import load_checkpoint, resolve_run
+from tests.runs import write_tiny_run
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    return write_tiny_run(tmp_path / "run")
+
+
+def test_export_writes_a_small_fp16_model_that_predicts_like_the_run(tiny_run, tmp_path):
+    out = models.export_model(tiny_run, tmp_path / "model.pt")
+    ckpt = load_checkpoint(out)
+    run = load_checkpoint(resolve_run(tiny_run))
+    assert ckpt["kind"] == "masksam-model"
+    assert ckpt["model"].keys() == run["model"].keys()
+    assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
+    assert ckpt["class_names"] == run["class_names"] and ckpt["plans"] == run["plans"]
+    assert "optimizer" not in ckpt and "path" not in ckpt["base_weights"]
+    for key, value in run["model"].items():  # fp16 rounding only
+        torch.testing.assert_close(ckpt["model"][key].float(), value.float(), rtol=1e-3, atol=1e-3)
+
+    volume = np.random.default_rng(0).normal(300, 100, size=(5, 40, 36)).astype(np.float32)
+    a = Predictor(tiny_run, device="cpu").predict(volume, (2.0, 1.5, 1.5), tta=False)
+    b = Predictor(out, device="cpu").predict(volume, (2.0, 1.5, 1.5), tta=False)
+    assert b.class_names == a.class_names and b.labels.shape == a.labels.shape
+    assert (a.labels == b.labels).mean() > 0.99
+
+
+def test_export_cli_keeps_existing_files_and_refuses_model_files(tiny_run, tmp_path, capsys):
+    out = tmp_path / "model.pt"
+    assert main(["export", str(tiny_run), "-o", str(out), "--fp32"]) == 0
+    assert load_checkpoint(out)["model"]["first_conv.proj.weight"].dtype == torch.float32
+    before = out.read_bytes()
+    assert main(["export", str(tiny_run), "-o", str(out)]) == 1
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["export", str(tiny_run), "-o", str(out), "--overwrite"]) == 0
+    with pytest.raises(MaskSAMError, match="already a model file"):
+        models.export_model(out, tmp_path / "again.pt")
+
+
+def test_bundled_names_resolve_and_other_values_stay_paths(tmp_path):
+    assert models.find_model(tmp_path / "x.pt") == tmp_path / "x.pt"
+    for name, path in models.bundled_models().items():
+        assert resolve_run(name) == path and path.is_file()
+        assert models.model_card_path(name).is_file()
+    with pytest.raises(MaskSAMError, match="no bundled model"):
+        models.model_card_path("no-such-model")
+
+
+def test_lite_preset_ships_in_15_mb():
+    from masksam_core.modeling import build_model
+
+    model = build_model("lite", pretrained=False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable * 2 <= 15e6  # fp16 bytes of a model file
