@@ -306,9 +306,9 @@ def test_wheel_ships_the_sample_data(repo_root, tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         for path in sample_paths():
-            assert zf.read(f"napari_masksam/sample_data/{path.name}") == path.read_bytes()
+            assert zf.read(f"masksam_core/assets/{path.name}") == path.read_bytes()
         for name in ("abdomen_ct_labels.classes.json", "NOTICE", "README.md"):
-            assert f"napari_masksam/sample_data/{name}" in names
+            assert f"masksam_core/assets/{name}" in names
 
 
 # --------------------------------------------------------------------------- in napari

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import masksam_core
 from masksam_core.inference.predictor import Predictor
 from masksam_core.io import read_image
 from napari_masksam import _models
@@ -43,6 +44,17 @@ def own_runs_list(tmp_path, monkeypatch):
     """A fresh remembered-runs list in a temporary cache folder."""
     monkeypatch.setenv("MASKSAM_CACHEDIR", str(tmp_path / "cache"))
     monkeypatch.setattr(_models, "_session", [])
+    monkeypatch.setattr(masksam_core, "bundled_models", lambda: {})  # each test sets the list it needs
+
+
+REAL_BUNDLED_MODELS = masksam_core.bundled_models
+
+
+def test_the_bundled_model_is_the_default(make_napari_viewer, monkeypatch):
+    monkeypatch.setattr(masksam_core, "bundled_models", REAL_BUNDLED_MODELS)
+    widget = make_widget(make_napari_viewer())
+    assert widget.model.combo.native.currentText() == "abdomen-ct-lite (bundled)"
+    assert widget.model.value == masksam_core.bundled_models()["abdomen-ct-lite"]
 
 
 @pytest.fixture

