@@ -100,3 +100,18 @@ def test_demo_refuses_a_missing_bundled_model(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "BUNDLED", {"abdomen-ct-lite": "not-there.pt"})
     with pytest.raises(MaskSAMError, match="missing from this installation"):
         demo.run_demo(tmp_path / "out", device="cpu")
+
+
+@pytest.mark.parametrize("flip", [(1, 1, 1), (-1, -1, 1)])  # RAS and LPS file axes
+def test_montage_views_are_in_radiological_display(flip):
+    # one voxel at the patient's right, anterior, superior corner: top left of every view
+    shape = (6, 8, 10)  # (Z, Y, X)
+    labels = np.zeros(shape, np.int64)
+    x = shape[2] - 1 if flip[0] > 0 else 0  # file axis i runs towards the patient's right (RAS) or left (LPS)
+    y = shape[1] - 1 if flip[1] > 0 else 0  # j towards anterior (RAS) or posterior (LPS)
+    labels[-1, y, x] = 1  # the last slice is the most superior (k increases upwards in both)
+    affine = np.diag([2.0 * flip[0], 1.0 * flip[1], 3.0 * flip[2], 1.0])
+    views = demo._display_views(np.zeros(shape), labels, affine)
+    for name, _, lab, aspect in views:
+        assert lab[0, 0] == 1 and lab.sum() == 1, name
+    assert [round(v[3], 3) for v in views] == [0.5, 1.5, 3.0]  # pixel height / width from the spacing

@@ -51,13 +51,34 @@ def _centre(labels: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(v) for v in np.round(found.mean(axis=0)))  # type: ignore[return-value]
 
 
+def _display_views(image: np.ndarray, labels: np.ndarray, affine: np.ndarray
+                   ) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
+    """(name, image, labels, pixel height / width) of the axial, coronal and sagittal views through the
+    centre of the labels, in radiological display: patient right on the left, anterior and superior up."""
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    ornt = io_orientation(affine)
+    zooms = np.empty(3)
+    zooms[ornt[:, 0].astype(int)] = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    img, lab = (apply_orientation(np.transpose(a, (2, 1, 0)), ornt) for a in (image, labels))  # RAS+ (x, y, z)
+    cx, cy, cz = _centre(lab)
+    zx, zy, zz = zooms
+    return [("axial", img[:, :, cz].T[::-1, ::-1], lab[:, :, cz].T[::-1, ::-1], zy / zx),
+            ("coronal", img[:, cy, :].T[::-1, ::-1], lab[:, cy, :].T[::-1, ::-1], zz / zx),
+            ("sagittal", img[cx, :, :].T[::-1, ::-1], lab[cx, :, :].T[::-1, ::-1], zz / zy)]
+
+
 def montage(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float], class_names: list[str],
-            path: str | os.PathLike, *, title: str = "", window: tuple[float, float] = (-160.0, 240.0)) -> Path:
+            path: str | os.PathLike, *, affine: np.ndarray | None = None, title: str = "",
+            window: tuple[float, float] = (-160.0, 240.0)) -> Path:
     """Save a PNG of axial, coronal and sagittal views of ``image`` (Z, Y, X) with ``labels`` over it.
 
-    Views pass through the centre of the labelled voxels, are drawn with their true aspect from
-    ``spacing`` (sz, sy, sx), with the CT windowed to ``window`` (HU) and one colour per class in
-    ``class_names`` (index = label value; background not drawn), with a legend. Written atomically.
+    Views pass through the centre of the labelled voxels in radiological display (patient right on
+    the left, anterior and superior up) when ``affine`` (file voxel (i, j, k) -> world RAS mm, as in
+    :class:`~masksam_core.io.ImageGeometry`) is given, else as if the axes were RAS with ``spacing``
+    (sz, sy, sx); pixels keep their true aspect. The CT is windowed to ``window`` (HU), each class of
+    ``class_names`` (index = label value; background not drawn) has its colour, with a legend.
+    Written atomically.
     """
     import matplotlib
 
@@ -67,18 +88,17 @@ def montage(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, 
     from matplotlib.patches import Patch
 
     path = Path(path)
-    z, y, x = _centre(labels)
     sz, sy, sx = spacing
+    if affine is None:
+        affine = np.diag([sx, sy, sz, 1.0])
     colours = plt.get_cmap("tab10")(np.arange(max(len(class_names), 2)) % 10)
     cmap = ListedColormap(colours[1:] if len(colours) > 1 else colours)
-    views = [("axial", image[z], labels[z], sx / sy), ("coronal", image[:, y][::-1], labels[:, y][::-1], sx / sz),
-             ("sagittal", image[:, :, x][::-1], labels[:, :, x][::-1], sy / sz)]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.6), dpi=100)
-    for ax, (name, img, lab, aspect) in zip(axes, views):
-        ax.imshow(np.clip(img, *window), cmap="gray", aspect=1 / aspect, interpolation="nearest")
+    for ax, (name, img, lab, aspect) in zip(axes, _display_views(image, labels, affine)):
+        ax.imshow(np.clip(img, *window), cmap="gray", aspect=aspect, interpolation="nearest")
         shown = np.ma.masked_where(lab == 0, lab - 1)
         ax.imshow(shown, cmap=cmap, vmin=0, vmax=max(len(class_names) - 2, 1), alpha=0.55,
-                  aspect=1 / aspect, interpolation="nearest")
+                  aspect=aspect, interpolation="nearest")
         ax.set_title(name)
         ax.axis("off")
     present = sorted(int(v) for v in np.unique(labels) if v > 0)
@@ -135,7 +155,7 @@ def demo_iter(out: str | os.PathLike, *, model: str | os.PathLike = DEMO_MODEL, 
     prediction = yield from predictor.predict_iter(image, geometry.spacing, tta=tta, step_size=step_size)
     names = list(prediction.class_names)
     write_labels(out / OUTPUTS[0], prediction.labels, geometry, class_names=dict(enumerate(names)), overwrite=True)
-    montage(image, prediction.labels, geometry.spacing, names, out / OUTPUTS[2],
+    montage(image, prediction.labels, geometry.spacing, names, out / OUTPUTS[2], affine=geometry.affine,
             title=f"MaskSAM demo: {Path(str(model)).name} on the sample CT")
     truth = np.asarray(truth).astype(np.int64)
     ids = sorted(set(range(len(names))) | {int(v) for v in np.unique(truth)})
