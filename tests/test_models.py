@@ -65,3 +65,15 @@ def test_lite_preset_ships_in_15_mb():
     model = build_model("lite", pretrained=False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable * 2 <= 15e6  # fp16 bytes of a model file
+
+
+def test_model_files_are_readable_like_any_new_file(tiny_run, tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        out = models.export_model(tiny_run, tmp_path / "model.pt")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # others can read a model file meant for sharing

@@ -18,7 +18,6 @@ import argparse
 import os
 import tempfile
 from collections.abc import Generator
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +37,10 @@ SAMPLE_CLASSES = ("background", "spleen", "kidney_right", "kidney_left", "gallbl
 
 
 def sample_paths() -> tuple[Path, Path]:
-    """(image, labels) paths of the bundled sample CT and its organ label map."""
-    root = resources.files("masksam_core").joinpath("assets")
-    return Path(str(root.joinpath(IMAGE_FILE))), Path(str(root.joinpath(LABELS_FILE)))
+    """(image, labels) paths of the bundled sample CT and its organ label map (NIfTI, same affine)."""
+    from .models import asset_path
+
+    return asset_path(IMAGE_FILE), asset_path(LABELS_FILE)
 
 
 def _centre(labels: np.ndarray) -> tuple[int, int, int]:
@@ -160,7 +160,8 @@ def demo_iter(out: str | os.PathLike, *, model: str | os.PathLike = DEMO_MODEL, 
     truth = np.asarray(truth).astype(np.int64)
     ids = sorted(set(range(len(names))) | {int(v) for v in np.unique(truth)})
     scores = case_scores(prediction.labels, truth, geometry.spacing, class_ids=ids)
-    table_names = names + [SAMPLE_CLASSES[i] if i < len(SAMPLE_CLASSES) else str(i) for i in range(len(names), ids[-1] + 1)]
+    table_names = names + [SAMPLE_CLASSES[i] if i < len(SAMPLE_CLASSES) else str(i)
+                           for i in range(len(names), ids[-1] + 1)]
     csv, md = _dice_table(scores, table_names)
     for name, text in ((OUTPUTS[3], csv), (OUTPUTS[4], md)):
         tmp = out / f".{name}.tmp"

@@ -17,13 +17,15 @@ bundled model by its name (:data:`BUNDLED`)::
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .errors import MaskSAMError
 
-__all__ = ["BUNDLED", "bundled_models", "export_model", "find_model", "model_card_path"]
+__all__ = ["BUNDLED", "asset_path", "bundled_models", "export_model", "find_model", "model_card_path"]
 
 #: Bundled model name -> file in ``masksam_core/assets`` (its model card: the same name, ``.md``).
 BUNDLED: dict[str, str] = {"abdomen-ct-lite": "abdomen-ct-lite.pt"}
@@ -31,28 +33,38 @@ BUNDLED: dict[str, str] = {"abdomen-ct-lite": "abdomen-ct-lite.pt"}
 MODEL_KIND = "masksam-model"
 
 
-def _asset(name: str) -> Path:
+_extracted = contextlib.ExitStack()
+atexit.register(_extracted.close)
+
+
+def asset_path(name: str) -> Path:
+    """A real file system path of the packaged file ``masksam_core/assets/name`` (extracted once from
+    a zipped install). The file may not exist: callers check."""
     resource = resources.files("masksam_core").joinpath("assets", name)
-    return Path(str(resource))
+    if isinstance(resource, Path):
+        return resource
+    if not resource.is_file():
+        return Path(str(resource))
+    return _extracted.enter_context(resources.as_file(resource))
 
 
 def bundled_models() -> dict[str, Path]:
     """Name -> file of every bundled model whose file is installed."""
-    return {name: _asset(file) for name, file in BUNDLED.items() if _asset(file).is_file()}
+    return {name: asset_path(file) for name, file in BUNDLED.items() if asset_path(file).is_file()}
 
 
 def model_card_path(name: str) -> Path:
     """The model card (Markdown) of bundled model ``name``."""
     if name not in BUNDLED:
         raise MaskSAMError(f"no bundled model named {name!r}; bundled: {', '.join(BUNDLED)}")
-    return _asset(Path(BUNDLED[name]).with_suffix(".md").name)
+    return asset_path(Path(BUNDLED[name]).with_suffix(".md").name)
 
 
 def find_model(name_or_path: str | Path) -> Path:
     """A bundled model's file for its name; any other value is returned as a path."""
     text = str(name_or_path)
     if text in BUNDLED and not Path(text).exists():
-        path = _asset(BUNDLED[text])
+        path = asset_path(BUNDLED[text])
         if not path.is_file():
             raise MaskSAMError(f"the bundled model {text!r} is missing from this installation ({path}): "
                                "reinstall napari-masksam")
