@@ -313,3 +313,34 @@ def test_lite_preset_loads_real_weights_and_zero_shot_matches_reference(shared_d
     mask = torch.nn.functional.interpolate(ours[None], size=(256, 256))[0, 0] > 0
     dice = 2 * (mask & lab).sum() / (mask.sum() + lab.sum())
     assert dice > 0.5
+
+
+def _perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Every trainable tensor moved off its init (adapters start at zero: make them act)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("mode,batch", [("auto", 2), ("gt", 1)])
+def test_query_chunks_give_the_same_outputs(mode, batch):
+    # The CPU predictor decodes one query at a time; results must not depend on the chunk size.
+    torch.manual_seed(0)
+    model = _perturbed(build_model("tiny", pretrained=False, prompt_mode=mode, num_classes=3))
+    x = torch.randn(batch, 1, 4, 64, 64)
+    prompts = gt_prompts(torch.randint(0, 3, (batch, 4, 64, 64)), 3) if mode == "gt" else None
+    with torch.no_grad():
+        ref = model(x, prompts)
+        for chunk in (1, 3, 100):
+            out = model(x, prompts, query_chunk=chunk)
+            assert out.keys() == ref.keys()
+            for key in ref:
+                assert out[key].shape == ref[key].shape, key
+                assert _rel_err(out[key], ref[key]) < 1e-5, (chunk, key)
+        scores = model.segment(x, prompts, query_chunk=2)
+    torch.testing.assert_close(scores, semantic_scores(ref["pred_logits"], ref["pred_masks"]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="query_chunk"):
+        model(x, prompts, query_chunk=0)

@@ -26,7 +26,7 @@ import torch
 from masksam_core.cli import main
 from masksam_core.errors import MaskSAMError
 from masksam_core.inference.predict_cli import Case, cases_for_rank, distributed_env, find_cases
-from masksam_core.inference.predictor import Cancelled, Predictor, accumulation_device
+from masksam_core.inference.predictor import CPU_QUERY_CHUNK, Cancelled, Predictor, accumulation_device
 
 from runs import make_plans, write_tiny_run
 
@@ -51,7 +51,7 @@ class FakeNet(torch.nn.Module):
         self.calls = 0
         self.on_call = None
 
-    def forward(self, x):
+    def forward(self, x, query_chunk=None):
         self.calls += 1
         if self.on_call is not None:
             self.on_call(self.calls)
@@ -128,6 +128,47 @@ def test_tiny_run_tta_on_and_off_both_run(tiny_run, monkeypatch):
     assert calls[1:] == [1] * 8  # 8 mirrored passes of the one window
     assert plain.labels.shape == tta.labels.shape == volume.shape
     assert tta.labels.max() <= 2 and tta.probabilities is None
+
+
+def test_query_chunk_defaults_per_device_and_does_not_change_results(tiny_run):
+    cpu = Predictor(tiny_run, device="cpu")
+    assert cpu.query_chunk == CPU_QUERY_CHUNK
+    whole = Predictor(tiny_run, device="cpu", query_chunk=None)
+    assert whole.query_chunk is None
+    volume = np.random.default_rng(1).normal(300, 100, (2, 40, 36)).astype(np.float32)
+    a = cpu.predict(volume, (5.0, 1.0, 1.0), tta=False, return_probabilities=True)
+    b = whole.predict(volume, (5.0, 1.0, 1.0), tta=False, return_probabilities=True)
+    np.testing.assert_allclose(a.probabilities, b.probabilities, rtol=1e-4, atol=1e-6)
+    for bad in (0, -2, "all", 1.5):
+        with pytest.raises(MaskSAMError, match="query_chunk"):
+            Predictor(tiny_run, device="cpu", query_chunk=bad)
+
+
+def test_reuse_freed_memory_is_nestable_and_thread_safe():
+    from masksam_core import devices
+
+    glibc = devices._glibc() is not None
+    with devices.reuse_freed_memory() as outer:
+        assert outer is glibc
+        with devices.reuse_freed_memory() as inner:
+            assert inner is glibc
+            big = torch.ones(64, 1024, 1024)  # 256 MiB, from the heap while inside
+            del big
+        assert devices._ALLOCATOR_USERS == (1 if glibc else 0)
+    assert devices._ALLOCATOR_USERS == 0
+    with devices.reuse_freed_memory(enabled=False) as active:
+        assert active is False and devices._ALLOCATOR_USERS == 0
+
+    def use() -> None:
+        with devices.reuse_freed_memory():
+            torch.ones(8, 1024, 1024).sum()
+
+    threads = [threading.Thread(target=use) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert devices._ALLOCATOR_USERS == 0
 
 
 def test_known_object_lands_on_its_own_voxels(fake_run):

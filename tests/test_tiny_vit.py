@@ -209,3 +209,23 @@ def test_bf16_autocast_cpu_no_nans(encoder: TinyViT, lesion_slice: dict[str, obj
     err = _rel(out, ref)
     print(f"\nbf16 autocast relative error vs fp32: {err:.3e}")
     assert err < 0.1
+
+
+def test_window_attention_equals_written_out_softmax() -> None:
+    # The fused kernel (with the offset biases as a 4-D mask) against softmax(q·kᵀ/√d + bias)·v by hand.
+    from masksam_core.modeling.tiny_vit import WindowAttention
+
+    torch.manual_seed(0)
+    attn = WindowAttention(40, num_heads=5, window_size=7).eval()
+    with torch.no_grad():
+        attn.attention_biases.normal_()
+        attn.norm.weight.normal_()
+    x = torch.randn(6, 49, 40)
+    with torch.no_grad():
+        out = attn(x)
+        qkv = attn.qkv(attn.norm(x)).reshape(6, 49, 5, 3, 8)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).double().unbind(0)
+        bias = attn.attention_biases[:, attn.bias_index].double()
+        weights = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5 + bias, dim=-1)
+        ref = attn.proj((weights @ v).transpose(1, 2).reshape(6, 49, 40).float())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

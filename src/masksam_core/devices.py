@@ -1,6 +1,13 @@
-"""Choosing the compute device: ``auto`` = CUDA, then Apple MPS, then CPU."""
+"""Choosing the compute device (``auto`` = CUDA, then Apple MPS, then CPU) and tuning it."""
 
 from __future__ import annotations
+
+import contextlib
+import ctypes
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -48,3 +55,61 @@ def autocast_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | Non
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+
+
+def _glibc() -> Any | None:
+    """glibc through ctypes, or None elsewhere (macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.gnu_get_libc_version  # noqa: B018 (glibc only)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+@contextlib.contextmanager
+def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
+    """While inside, freed CPU memory is kept for the next tensor instead of returned to the system.
+
+    A CPU forward pass allocates and frees tensors of tens to hundreds of MiB; glibc serves
+    each from fresh pages (mmap) and returns it on free (munmap), so every pass pays the
+    page faults of zero-filling those pages again; on a virtual machine that can take as
+    long as the arithmetic (half of a ``lite`` window on 2 cores). Inside this context
+    blocks up to 1 GiB come from the heap and freed memory stays there; on exit the
+    default thresholds come back and the kept memory is handed back (``malloc_trim``).
+    Linux with glibc only; elsewhere (and with ``enabled=False``) it does nothing.
+    Yields whether the setting took effect.
+    """
+    libc = _glibc() if enabled else None
+    if libc is None:
+        yield False
+        return
+    with _ALLOCATOR_LOCK:
+        global _ALLOCATOR_USERS
+        if _ALLOCATOR_USERS == 0:
+            libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        _ALLOCATOR_USERS += 1
+    try:
+        yield True
+    finally:
+        with _ALLOCATOR_LOCK:
+            _ALLOCATOR_USERS -= 1
+            if _ALLOCATOR_USERS == 0:
+                libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+                libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+                libc.malloc_trim(0)
+
+
+_ALLOCATOR_LOCK = threading.Lock()
+_ALLOCATOR_USERS = 0

@@ -129,9 +129,18 @@ class MaskSAM(nn.Module):
         """Every parameter and buffer outside the frozen SAM (what a checkpoint stores)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("sam.")}
 
-    def forward(self, x: torch.Tensor, prompts: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, prompts: dict[str, torch.Tensor] | None = None, *,
+                query_chunk: int | None = None) -> dict[str, torch.Tensor]:
         """x: (B, C, T, H, W). In ``gt`` mode ``prompts["masks"]`` (B, Q, T, H, W) bool
-        holds one ground-truth mask per query (see :func:`gt_prompts`)."""
+        holds one ground-truth mask per query (see :func:`gt_prompts`).
+
+        ``query_chunk``: run the prompt encoder and mask decoder for this many queries at a
+        time (``None``: all at once). The results are the same; small chunks keep
+        the decoder's B*chunk*T copies of the image embedding small (less memory). Chunks of
+        one query with B = 1 are slow on the CPU (PyTorch's fallback 3D convolution).
+        """
+        if query_chunk is not None and query_chunk < 1:
+            raise ValueError(f"query_chunk must be at least 1, got {query_chunk}")
         b, _, t, hh, ww = x.shape
         if (t, hh, ww) != tuple(self.patch_size):
             raise ValueError(f"expected patches of {tuple(self.patch_size)}, got {(t, hh, ww)}")
@@ -161,16 +170,40 @@ class MaskSAM(nn.Module):
             boxes, _ = mask_boxes(binary)
             cls_tokens = None
         q = binary.shape[1]
-        n = b * q * t
         out["prompt_boxes"] = boxes
+        step = q if query_chunk is None else min(query_chunk, q)
+        pe = sam.prompt_encoder.get_dense_pe() + self.depth_pe  # (T, D, h, w)
+        parts = [
+            self._decode(neck, pe, binary[:, i : i + step], boxes[:, i : i + step],
+                         None if cls_tokens is None else cls_tokens[:, i : i + step], s, img.dtype)
+            for i in range(0, q, step)
+        ]
+        low = parts[0][0] if len(parts) == 1 else torch.cat([m for m, _ in parts], dim=1)
+        out["pred_masks"] = self.final_conv(low)  # all queries at once: CPU convolutions are slow on one
+        out["pred_logits"] = parts[0][1] if len(parts) == 1 else torch.cat([lg for _, lg in parts], dim=1)
+        return out
+
+    def _decode(self, neck: torch.Tensor, pe: torch.Tensor, binary: torch.Tensor, boxes: torch.Tensor,
+                cls_tokens: torch.Tensor | None, image_size: int, dtype: torch.dtype,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder and mask decoder for q queries.
+
+        neck (B*T, D, h, w); pe (T, D, h, w) dense positional encodings of the slices;
+        binary (B, q, T, H, W) mask prompts; boxes (B, q, T, 4) in [0, 1];
+        cls_tokens (B, q, T, D) or None; image_size: SAM's input side S; dtype: of the mask
+        prompts (the first_conv output's) → low-resolution mask logits (B, q, T, 4h, 4w) and
+        class logits (B, q, T, C+1).
+        """
+        sam = self.sam
+        b, q, t, hh, ww = binary.shape
+        n = b * q * t
         mask_in = F.interpolate(
-            binary.reshape(n, 1, hh, ww).to(img.dtype), size=sam.prompt_encoder.mask_input_size, mode="bilinear"
+            binary.reshape(n, 1, hh, ww).to(dtype), size=sam.prompt_encoder.mask_input_size, mode="bilinear"
         )
-        sparse, dense = sam.prompt_encoder(points=None, boxes=boxes.reshape(n, 4) * s, masks=mask_in)
+        sparse, dense = sam.prompt_encoder(points=None, boxes=boxes.reshape(n, 4) * image_size, masks=mask_in)
 
         emb_shape = neck.shape[1:]
         embeddings = neck.reshape(b, 1, t, *emb_shape).expand(b, q, t, *emb_shape).reshape(n, *emb_shape)
-        pe = sam.prompt_encoder.get_dense_pe() + self.depth_pe  # (T, D, h, w)
         pe = pe.unsqueeze(0).expand(b * q, *pe.shape).reshape(n, *emb_shape)
         masks, logits = self.decoder_adapters(
             sam.mask_decoder,
@@ -181,15 +214,13 @@ class MaskSAM(nn.Module):
             None if cls_tokens is None else cls_tokens.reshape(n, -1),
             t,
         )
-        low = masks.reshape(b, q, t, *masks.shape[-2:])
-        out["pred_masks"] = self.final_conv(low)
-        out["pred_logits"] = logits.reshape(b, q, t, -1)
-        return out
+        return masks.reshape(b, q, t, *masks.shape[-2:]), logits.reshape(b, q, t, -1)
 
     @torch.no_grad()
-    def segment(self, x: torch.Tensor, prompts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def segment(self, x: torch.Tensor, prompts: dict[str, torch.Tensor] | None = None, *,
+                query_chunk: int | None = None) -> torch.Tensor:
         """Per-class scores (B, C, T, H, W) by MaskFormer semantic inference."""
-        out = self(x, prompts)
+        out = self(x, prompts, query_chunk=query_chunk)
         return semantic_scores(out["pred_logits"], out["pred_masks"])
 
     @torch.no_grad()

@@ -131,7 +131,8 @@ class WindowAttention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, n, self.num_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, heads, n, head_dim)
-        bias = self.attention_biases[:, self.bias_index].to(q.dtype)  # gathered every call: (heads, n, n)
+        # gathered every call: (1, heads, n, n); 4-D, as the fused CPU kernel needs (a 3-D mask takes the slow path)
+        bias = self.attention_biases[:, self.bias_index].to(q.dtype)[None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
