@@ -1,13 +1,18 @@
 """Whole-volume prediction time and peak memory on the sample abdominal CT.
 
-For each model (an untrained run of the preset: the speed does not depend on the weights) and each
-TTA setting, one subprocess predicts ../shared/data/Dataset501_AbdomenCT's scan (122×101×112 voxels,
-3 mm) with ``Predictor`` and reports wall time, windows and the process's peak resident memory.
-Runs are made once with ``masksam-core train --epochs 1 --iters-per-epoch 1`` and cached in
-``--work``. Writes JSON and a markdown table.
+For each model and each TTA setting, one subprocess predicts ../shared/data/Dataset501_AbdomenCT's
+scan (122×101×112 voxels, 3 mm) with ``Predictor`` and reports wall time, windows, seconds per
+window and the process's peak resident memory. ``tiny`` is an untrained run (the speed does not
+depend on the weights), made once with ``masksam-core train --epochs 1 --iters-per-epoch 1`` and
+cached in ``--work``; ``lite`` is the bundled model ``abdomen-ct-lite``.
 
-    python benchmarks/predict_cpu.py [--presets tiny lite] [--tta off on] [--device cpu]
-        [--data ../shared/data] [--work /tmp/masksam-bench] [--out benchmarks/results/predict_cpu]
+``--max-windows N`` stops a setting after N window batches and gives the whole-volume time as
+preprocessing + windows × the mean time per window (marked ``estimate``; the resampling back,
+about a second, is then left out). Writes JSON and a markdown table.
+
+    python benchmarks/predict_cpu.py [--presets tiny lite] [--tta off on] [--step-size 0.5]
+        [--max-windows N] [--device cpu] [--data ../shared/data] [--work /tmp/masksam-bench]
+        [--out benchmarks/results/predict_cpu]
 """
 
 from __future__ import annotations
@@ -24,24 +29,39 @@ import json, resource, sys, time
 from masksam_core.inference.predictor import Predictor
 from masksam_core.io import read_image
 run, image, tta, device = sys.argv[1], sys.argv[2], sys.argv[3] == "on", sys.argv[4]
+step, max_windows = float(sys.argv[5]), int(sys.argv[6])
 volume, geometry = read_image(image)
 predictor = Predictor(run, device=device)
 start = time.perf_counter()
-windows = 0
-gen = predictor.predict_iter(volume, geometry.spacing, tta=tta)
+marks = []
+gen = predictor.predict_iter(volume, geometry.spacing, tta=tta, step_size=step)
 while True:
     try:
         progress = next(gen)
-        windows = progress.total
     except StopIteration:
         break
+    marks.append((progress.done, progress.total, time.perf_counter() - start))
+    if max_windows and progress.done >= max_windows and progress.done < progress.total:
+        gen.close()
+        break
 seconds = time.perf_counter() - start
+done, total, first = marks[-1][0], marks[0][1], marks[0][2]
+per_window = (marks[-1][2] - first) / max(done, 1)
+estimate = done < total
+if estimate:
+    seconds = first + per_window * total
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": seconds, "windows": windows, "peak_rss_mb": peak_mb}))
+print(json.dumps({"seconds": seconds, "windows": total, "windows_timed": done, "seconds_per_window": per_window,
+                  "estimate": estimate, "peak_rss_mb": peak_mb, "threads": __import__("torch").get_num_threads()}))
 """
 
 
-def make_run(preset: str, data: Path, work: Path) -> Path:
+BUNDLED = {"lite": "abdomen-ct-lite"}  # presets measured with their bundled model
+
+
+def make_run(preset: str, data: Path, work: Path) -> Path | str:
+    if preset in BUNDLED:
+        return BUNDLED[preset]
     run = work / f"run_{preset}"
     if not (run / "checkpoint_last.pt").exists():
         subprocess.run([sys.executable, "-m", "masksam_core", "train", str(data), "--preset", preset,
@@ -54,6 +74,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "lite"])
     parser.add_argument("--tta", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--step-size", type=float, default=0.5, help="window step (0.5: half overlap)")
+    parser.add_argument("--max-windows", type=int, default=0, help="time this many window batches, then estimate")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--work", type=Path, default=Path("/tmp/masksam-bench"))
@@ -65,9 +87,11 @@ def main() -> None:
     for preset in args.presets:
         run = make_run(preset, dataset, args.work)
         for tta in args.tta:
-            out = subprocess.run([sys.executable, "-c", CHILD, str(run), str(image), tta, args.device],
+            out = subprocess.run([sys.executable, "-c", CHILD, str(run), str(image), tta, args.device,
+                                  str(args.step_size), str(args.max_windows)],
                                  check=True, capture_output=True, text=True, encoding="utf-8")
-            row = {"preset": preset, "tta": tta, **json.loads(out.stdout.strip().splitlines()[-1])}
+            row = {"preset": preset, "model": str(run), "tta": tta, "step_size": args.step_size,
+                   **json.loads(out.stdout.strip().splitlines()[-1])}
             rows.append(row)
             print(row, flush=True)
     import torch
@@ -77,9 +101,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     lines = [f"Machine: {machine['processor']}, {machine['cpus']} threads, torch {machine['torch']}, "
-             f"device {args.device}.", "", "| preset | TTA | windows | seconds | peak RSS (MB) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['preset']} | {r['tta']} | {r['windows']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |"
-              for r in rows]
+             f"device {args.device}.", "",
+             "| preset | TTA | step | windows | seconds per window | whole CT (s) | peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['preset']} | {r['tta']} | {r['step_size']} | {r['windows']} | {r['seconds_per_window']:.2f} | "
+              f"{r['seconds']:.1f}{' (estimate from %d windows)' % r['windows_timed'] if r['estimate'] else ''} | "
+              f"{r['peak_rss_mb']:.0f} |" for r in rows]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
