@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..devices import autocast_dtype
+from ..devices import autocast_dtype, available_devices, reuse_freed_memory
 from ..errors import MaskSAMError
 from ..modeling import build_model, gt_prompts, semantic_scores
 from ..modeling.presets import get_preset
@@ -183,8 +183,11 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> Generator[TrainEvent, None, Path]:
         """Train, yielding :class:`TrainEvent` s; returns the best (or, when stopped, the last) checkpoint."""
+        name = self.config.device
+        on_cpu = (available_devices()[0] if name == "auto" else name.split(":", 1)[0]) == "cpu"
         try:
-            return (yield from self._run())
+            with reuse_freed_memory(on_cpu):  # CPU steps reuse freed memory (no fresh pages per tensor)
+                return (yield from self._run())
         finally:
             dist.shutdown()  # after an error too, so that no process group is left behind
 
