@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from masksam_core.data.loader import PatchSampler
 from masksam_core.inference.sliding_window import (
     gaussian_importance,
     mirror_sets,
@@ -30,6 +32,24 @@ def test_double_predictor_stitches_to_double_input(shape, patch, mirror):
     out = run(sliding_window(volume, lambda x: 2 * x, patch, batch_size=3, mirror_axes=mirror))
     assert out.shape == volume.shape
     torch.testing.assert_close(out, 2 * volume, rtol=1e-5, atol=1e-5)
+
+
+def test_short_volume_sits_in_the_window_where_training_patches_put_it():
+    # A volume shorter than the patch reaches the network centred in the window, exactly as the training
+    # sampler pads it (padding at the end only shows the network a layout it never trained on).
+    volume = torch.randn(1, 3, 10, 7)
+    seen = []
+
+    def predictor(x):
+        seen.append(x.clone())
+        return x
+
+    out = run(sliding_window(volume, predictor, (4, 16, 16)))
+    labels = np.zeros((3, 10, 7), np.int16)
+    image, _ = PatchSampler((4, 16, 16)).sample(volume.numpy(), labels, np.random.default_rng(0))
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0][0], torch.from_numpy(image))
+    torch.testing.assert_close(out, volume)
 
 
 def test_flip_equivariant_predictor_returns_its_own_output():

@@ -85,7 +85,9 @@ def sliding_window(
     """Predict a whole volume window by window.
 
     Args:
-        volume: (C, Z, Y, X) input; padded with zeros where smaller than a patch.
+        volume: (C, Z, Y, X) input; where it is shorter than a patch it is zero-padded on both
+            sides, centred in the window (as :class:`~masksam_core.data.loader.PatchSampler`
+            places it in training patches).
         predictor: maps a batch (B, C, T, H, W) to (B, K, T, H, W).
         patch_size: (T, H, W) window size.
         overlap: fraction of a window shared with its neighbour, in [0, 1).
@@ -115,8 +117,10 @@ def sliding_window(
 
     shape = volume.shape[1:]
     pads = [max(p - s, 0) for s, p in zip(shape, patch_size)]
-    if any(pads):  # pad at the end; the padded region is cropped away at the end
-        volume = torch.nn.functional.pad(volume, (0, pads[2], 0, pads[1], 0, pads[0]))
+    before = [d // 2 for d in pads]  # centred, as the training sampler places short volumes (and nnU-Net pads)
+    if any(pads):  # the padded region is cropped away at the end
+        sides = [(b, d - b) for b, d in zip(before, pads)]
+        volume = torch.nn.functional.pad(volume, [n for side in reversed(sides) for n in side])
     padded = volume.shape[1:]
     starts = [window_starts(n, p, overlap) for n, p in zip(padded, patch_size)]
     windows = list(itertools.product(*starts))
@@ -145,7 +149,7 @@ def sliding_window(
         yield Progress(min(first + batch_size, len(windows)), len(windows), time.perf_counter() - start)
     assert total is not None
     result = total / norm
-    return result[:, : shape[0], : shape[1], : shape[2]]
+    return result[(slice(None), *(slice(b, b + n) for b, n in zip(before, shape)))]
 
 
 def run(gen: Generator[Progress, None, torch.Tensor], callback: Callable[[Progress], None] | None = None) -> torch.Tensor:
