@@ -299,3 +299,20 @@ def test_loader_leaves_the_global_rng_alone(phantom, tmp_path):
     plain = torch.utils.data.DataLoader(data.loader(epoch=1).dataset, batch_size=1)
     iter(plain)  # what a DataLoader without its own generator does
     assert not torch.equal(before, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("patch,dummy_2d", [((2, 64, 64), True), ((8, 16, 16), False)])
+def test_augmentation_follows_the_patch_shape_as_nnunet(phantom, tmp_path, patch, dummy_2d):
+    """nnU-Net's "dummy 2D" augmentation (rotation about the slice axis only, T' = T) is chosen by the patch
+    (max / T > 3), not by the spacing: with the phantom's near-isotropic spacing a 2-slice patch still gets
+    in-plane rotations only, never 3D ones cut from a 40-slice region that is mostly padding."""
+    from masksam_core.training.checkpoint import resolve_config
+    from masksam_core.training.data_setup import prepare_data
+
+    config = resolve_config(TrainConfig(str(phantom), str(tmp_path / "run"), preset="tiny", patch_size=patch,
+                                        val_fraction=0, num_workers=0))
+    data = prepare_data(config, tmp_path / "run", patch_size=patch)
+    assert data.plans["anisotropic"] is False
+    spatial = data.transforms.steps[0][1]
+    assert spatial.anisotropic is dummy_2d
+    assert (data.transforms.input_size[0] == patch[0]) is dummy_2d

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.augment import build_train_transforms
+from ..data.augment import TrainTransforms, build_train_transforms, is_anisotropic
 from ..data.dataset import load_checked_dataset
 from ..data.loader import CaseFiles, make_train_loader
 from ..data.plans import fingerprint_dataset, load_plans, make_plans, save_plans
@@ -37,6 +37,7 @@ class DataBundle:
     train_cases: list[Any]
     val_volumes: list[tuple[np.ndarray, np.ndarray]]  # (C, Z, Y, X) image, (Z, Y, X) labels
     loader: Callable[..., Iterable[dict[str, Any]]]
+    transforms: TrainTransforms | None = None  # the training augmentation the loader applies
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -127,7 +128,9 @@ def prepare_data(config: Any, out: Path, *, patch_size: tuple[int, int, int],
     if not train:
         raise MaskSAMError("every case is held out for validation: leave some for training")
 
-    transforms = build_train_transforms(patch_size, anisotropic=bool(plans.get("anisotropic", False)), seed=config.seed)
+    # nnU-Net's "dummy 2D" rule looks at the PATCH (max / T > 3), not at the spacing: slab patches of a few
+    # slices are rotated and scaled in-plane only, whatever the voxel size
+    transforms = build_train_transforms(patch_size, anisotropic=is_anisotropic(patch_size), seed=config.seed)
     rank, world = dist.rank(), dist.world_size()
 
     def loader(*, epoch: int, start_iteration: int = 0) -> Iterable[dict[str, Any]]:
@@ -143,4 +146,5 @@ def prepare_data(config: Any, out: Path, *, patch_size: tuple[int, int, int],
         dl.worker_init_fn = _ignore_sigint
         return dl
 
-    return DataBundle(plans, list(plans["class_names"]), num_classes, int(plans["in_channels"]), train, val, loader)
+    return DataBundle(plans, list(plans["class_names"]), num_classes, int(plans["in_channels"]), train, val, loader,
+                      transforms)
