@@ -226,3 +226,19 @@ def test_bad_inputs_raise_clear_errors() -> None:
     tr = build_train_transforms((2, 8, 8), anisotropic=True)
     with pytest.raises(AugmentError, match="same size"):
         tr({"image": np.zeros((1, 2, 8, 8), np.float32), "label": np.zeros((1, 2, 8, 9), np.int16)})
+
+
+def test_blur_keeps_a_constant_image_constant_at_the_patch_borders() -> None:
+    # A normalised image is not 0 outside the patch: zero padding (MONAI's GaussianSmooth) pulls every
+    # slice of a 4-slice patch towards 0 (a flat -1.5 becomes -1.04 on the border slices at sigma 1).
+    patch = (4, 16, 16)
+    tr = build_train_transforms(patch, anisotropic=True, config=config(p_blur=1, p_blur_channel=1,
+                                                                       blur_sigma=(1.0, 1.0)), seed=0)
+    flat = {"image": np.full((1, *patch), -1.5, np.float32), "label": np.zeros((1, *patch), np.int16)}
+    torch.testing.assert_close(tr(flat)["image"], torch.full((1, *patch), -1.5), atol=1e-4, rtol=0)
+    # and it still blurs: an edge inside the patch matches scipy's Gaussian filter there (sigma 1, 4 sigma)
+    step = np.full((1, *patch), -1.5, np.float32)
+    step[..., 8:] = 1.5
+    out = tr({"image": step, "label": flat["label"]})["image"][0].numpy()
+    reference = ndimage.gaussian_filter(step[0], 1.0, mode="nearest", truncate=4.0)
+    np.testing.assert_allclose(out, reference, atol=1e-5)

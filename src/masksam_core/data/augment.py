@@ -9,7 +9,7 @@ are MONAI's. Defaults (:class:`AugmentConfig`), p per sample:
 * scaling p 0.2 (same resampling): one factor, uniform 0.7–1.4 (>1 shrinks objects), in-plane only when
   anisotropic; image bilinear, labels nearest, padding zeros / background;
 * Gaussian noise p 0.1 (``RandGaussianNoised``): std uniform 0–0.1 (nnU-Net's "variance", used as std);
-* Gaussian blur p 0.2 (``RandGaussianSmooth``): per channel p 0.5, sigma 0.5–1 voxel drawn per axis;
+* Gaussian blur p 0.2 (:class:`RandGaussianBlur`): per channel p 0.5, sigma 0.5–1 voxel drawn per axis;
 * brightness p 0.15 (``RandScaleIntensity``): multiplier per channel, 0.75–1 or 1–1.25 with equal odds
   (nnU-Net's BGContrast draw, built with ``OneOf``);
 * contrast p 0.15 (``RandScaleIntensityFixedMean``): (x - mean)·f + mean, f as brightness, clipped to the
@@ -38,8 +38,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.data import get_track_meta, set_track_meta
+from monai.networks.layers import gaussian_1d, separable_filtering
 from monai.transforms import (
-    AffineGrid, Compose, MapTransform, OneOf, RandAdjustContrast, RandFlipd, RandGaussianNoised, RandGaussianSmooth,
+    AffineGrid, Compose, MapTransform, OneOf, RandAdjustContrast, RandFlipd, RandGaussianNoised,
     Randomizable, RandScaleIntensity, RandScaleIntensityFixedMean, RandSimulateLowResolution, Resample,
     ResizeWithPadOrCrop,
 )
@@ -197,6 +198,29 @@ class RandRotateScaleCropd(Randomizable, MapTransform):
             res = Resample(mode=mode, padding_mode="zeros", dtype=np.float32)(img, grid=grid)
             out[key] = torch.as_tensor(res).reshape(-1, t, h, w)
         return out
+
+
+class RandGaussianBlur(Randomizable):
+    """Gaussian blur of one channel (1, T, H, W), sigma uniform in ``sigma`` per axis: MONAI's sampled
+    ``gaussian_1d`` kernels (4 sigma, normalised, as nnU-Net's) and ``separable_filtering`` continuing the
+    patch by its edge voxels (nnU-Net reflects; thin slabs are too thin for that). Not MONAI's
+    ``GaussianSmooth``: its zero padding pulls the border of a normalised image towards 0, and on a 4-slice
+    patch every slice is a border slice."""
+
+    def __init__(self, sigma: tuple[float, float], truncated: float = 4.0) -> None:
+        self.sigma = (float(sigma[0]), float(sigma[1]))
+        self.truncated = truncated
+        self.sigmas = np.zeros(0)
+
+    def randomize(self, data: object = None) -> None:
+        self.sigmas = self.R.uniform(self.sigma[0], self.sigma[1], size=3)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(img, dtype=torch.float32)
+        self.randomize()
+        kernels = [gaussian_1d(float(s), truncated=self.truncated, approx="sampled") for s in self.sigmas[: x.ndim - 1]]
+        kernels = [k / k.sum() for k in kernels]  # sums to 1: flat regions stay flat
+        return separable_filtering(x[None], kernels, mode="replicate")[0]
 
 
 class RandPerChannel(Randomizable, MapTransform):
@@ -361,8 +385,7 @@ def build_train_transforms(patch_size: Sequence[int], *, anisotropic: bool, mirr
     steps: list[tuple[str, Callable]] = [
         ("spatial", RandRotateScaleCropd(patch, anisotropic=anisotropic, config=cfg)),
         ("noise", RandGaussianNoised("image", prob=cfg.p_noise, mean=0.0, std=cfg.noise_std)),
-        ("blur", RandPerChannel(RandGaussianSmooth(sigma, sigma, sigma, prob=1.0), prob=cfg.p_blur,
-                                p_per_channel=cfg.p_blur_channel)),
+        ("blur", RandPerChannel(RandGaussianBlur(sigma), prob=cfg.p_blur, p_per_channel=cfg.p_blur_channel)),
         ("brightness", RandPerChannel(brightness, prob=cfg.p_brightness)),
         ("contrast", RandPerChannel(contrast, prob=cfg.p_contrast)),
         ("lowres", RandPerChannel(lowres, prob=cfg.p_lowres, p_per_channel=cfg.p_lowres_channel,
