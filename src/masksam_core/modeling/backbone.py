@@ -222,7 +222,12 @@ def build_tiny_backbone(*, image_size: int = 64) -> SamBackbone:
     """A small random ViT SAM for tests and quick CPU runs (no pretrained weights).
 
     Patch size 8, width 48, 4 blocks (windowed attention in blocks 0 and 2,
-    global in 1 and 3; every block's output is a skip feature), prompt/decoder width 32.
+    global in 1 and 3; every block's output is a skip feature), prompt/decoder width 64.
+
+    The prompt encoder and mask decoder stay frozen like a pretrained SAM's, so they must
+    be wide enough to carry a prompt through at random: at width 32 (a 2-channel first
+    mask-prompt convolution, 4 output channels per pixel) every query's mask came out
+    nearly the same, whatever its prompt, and classes were lost in training.
     """
     return build_vit_backbone(
         name="tiny",
@@ -234,9 +239,9 @@ def build_tiny_backbone(*, image_size: int = 64) -> SamBackbone:
         image_size=image_size,
         patch_size=8,
         window_size=4,
-        prompt_dim=32,
-        mask_in_chans=8,
-        decoder_mlp_dim=64,
+        prompt_dim=64,
+        mask_in_chans=16,
+        decoder_mlp_dim=128,
         decoder_heads=2,
         iou_head_hidden_dim=32,
     )
