@@ -344,3 +344,33 @@ def test_query_chunks_give_the_same_outputs(mode, batch):
     torch.testing.assert_close(scores, semantic_scores(ref["pred_logits"], ref["pred_masks"]), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="query_chunk"):
         model(x, prompts, query_chunk=0)
+
+
+def test_final_conv_channel_last_path_equals_the_plain_convolutions():
+    """On the CPU final_conv keeps its hidden maps channel-last (a faster oneDNN kernel): outputs and
+    gradients equal the same layers run on default-layout tensors."""
+    import torch.nn.functional as F
+
+    from masksam_core.modeling.heads import FinalConv
+
+    torch.manual_seed(0)
+    head = FinalConv(in_size=32, out_size=64)
+    torch.nn.init.normal_(head.conv_out.weight, std=0.1)  # starts at zero: make the refinement matter
+    x = torch.randn(2, 3, 4, 32, 32, requires_grad=True)
+    out = head(x)
+    (out ** 2).mean().backward()
+    grads = [p.grad.clone() for p in head.parameters()] + [x.grad.clone()]
+
+    head.zero_grad()
+    x2 = x.detach().clone().requires_grad_(True)
+    v = x2.reshape(6, 1, 4, 32, 32)
+    h = F.leaky_relu(F.conv3d(v, head.conv_in[0].weight, head.conv_in[0].bias, padding=1))
+    up = head.upsample[0]
+    h = F.leaky_relu(F.conv_transpose3d(h, up.weight, up.bias, stride=(1, 2, 2)))
+    r = F.conv3d(h, head.conv_out.weight, head.conv_out.bias, padding=1)
+    ref = (F.interpolate(v, size=(4, 64, 64), mode="trilinear", align_corners=False) + r).reshape(2, 3, 4, 64, 64)
+    assert out.shape == ref.shape == (2, 3, 4, 64, 64)
+    assert _rel_err(out.detach(), ref.detach()) < 1e-5
+    (ref ** 2).mean().backward()
+    for got, want in zip(grads, [p.grad for p in head.parameters()] + [x2.grad]):
+        assert _rel_err(got, want) < 1e-4

