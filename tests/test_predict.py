@@ -412,3 +412,17 @@ def test_end_to_end_on_abdomen_ct(shared_data, tmp_path, capsys):
                  str(ds / "dataset.json"), "-o", str(summary)]) == 0
     result = json.loads(summary.read_text())
     assert 0.0 <= result["mean_dice"] <= 1.0 and set(result["per_class"]) == set(labels) - {"background"}
+
+
+@pytest.mark.parametrize("part", ["sam", "model"])
+def test_a_checkpoint_whose_shapes_do_not_fit_is_a_clear_error(tmp_path, part):
+    """A run whose tensors have other shapes (other settings, or a ``tiny`` run made when its random backbone
+    had other widths) is reported by file and tensor, never as a raw size-mismatch traceback."""
+    run = write_tiny_run(tmp_path)
+    file = run / "checkpoint_last.pt"
+    ckpt = torch.load(file, weights_only=False)
+    key = next(k for k, v in ckpt[part].items() if v.ndim == 2)
+    ckpt[part][key] = ckpt[part][key][:, :1].clone()
+    torch.save(ckpt, file)
+    with pytest.raises(MaskSAMError, match=r"does not fit this model \(size mismatch for .*train it again"):
+        Predictor(run, device="cpu")

@@ -161,6 +161,20 @@ def base_weights_info(sam: torch.nn.Module) -> dict[str, Any]:
     return {"name": name, "sha256": digest, "path": path}
 
 
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], *, strict: bool, source: Any) -> None:
+    """``module.load_state_dict`` with a clear error when a tensor's shape does not fit (a checkpoint made
+    with other settings, or a ``tiny`` run made by a version whose random backbone had other widths)."""
+    try:
+        module.load_state_dict(state, strict=strict)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        first = next((line for line in lines if "size mismatch" in line), lines[-1] if lines else str(error))
+        raise MaskSAMError(
+            f"{source} does not fit this model ({first}): it was made with other settings or by another "
+            "version of napari-masksam; train it again with this version"
+        ) from None
+
+
 def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: Any = "checkpoint") -> None:
     """Load a trainable-only state dict; every non-SAM key must match exactly."""
     expected = {k for k in model.state_dict() if not k.startswith("sam.")}
@@ -170,7 +184,7 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], *, so
             f"{source} does not fit this model ({len(missing)} missing, {len(unexpected)} unexpected "
             f"parameters, e.g. {(missing + unexpected)[:3]}): was it trained with other settings?"
         )
-    model.load_state_dict(state, strict=False)
+    load_state(model, state, strict=False, source=source)
 
 
 def run_state(trainer: Any, data: Any, *, epoch: int, iteration: int, best: float, rngs: list[Any],
@@ -275,6 +289,6 @@ def load_run(path: str | Path, *, base_checkpoint: str | Path | None = None,
                 f"{src.get('path')} has sha256 {found[:12]}...: pass the original file with --base-checkpoint"
             )
     else:
-        model.sam.load_state_dict(ckpt["sam"], strict=True)
+        load_state(model.sam, ckpt["sam"], strict=True, source=file)
     load_trainable(model, ckpt["model"], source=file)
     return model.to(device).eval(), ckpt

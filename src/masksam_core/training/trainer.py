@@ -124,7 +124,7 @@ class Trainer:
             prompt_mode=c.prompt_mode, progress=dist.is_main(), **self.overrides,
         ).to(device)
         if saved is not None and saved.get("sam") is not None:  # random base weights (tiny) travel with the run
-            self.model.sam.load_state_dict(saved["sam"], strict=True)
+            ckpt_io.load_state(self.model.sam, saved["sam"], strict=True, source=self.out / "checkpoint_last.pt")
         if c.grad_checkpointing and hasattr(self.model.encoder_adapters, "grad_checkpointing"):
             self.model.encoder_adapters.grad_checkpointing = True
         self.params = [p for p in self.model.parameters() if p.requires_grad]
