@@ -10,12 +10,10 @@ import numpy as np
 
 
 def make_phantom_dataset(root: Path, *, cases: int = 3, shape: tuple[int, int, int] = (64, 64, 16),
-                         seed: int = 0, intensities: tuple[float, float, float] = (100.0, 300.0, 500.0),
-                         gap: float | None = None) -> Path:
+                         seed: int = 0, gap: float | None = None) -> Path:
     """Write ``cases`` phantoms (nibabel array shape (X, Y, Z), 1 mm in-plane, 2 mm slices):
     a ball (label 1) and a box (label 2) at random places in noisy background (std 30).
-
-    ``intensities`` (background, ball, box), CT-like so that the CT scheme is used.
+    Intensities: background ~100, ball ~300, box ~500 (CT-like, so the CT scheme is used).
 
     ``gap``: None places the box independently of the ball (they may touch or overlap; the ball wins);
     a number keeps at least that many millimetres of background between them."""
@@ -39,7 +37,7 @@ def make_phantom_dataset(root: Path, *, cases: int = 3, shape: tuple[int, int, i
         else:
             raise ValueError(f"no room for a box {gap} mm away from the ball in a {shape} phantom")
         labels[box][labels[box] == 0] = 2
-        image = np.choose(labels, intensities) + rng.normal(0, 30, shape)
+        image = 100 + 200 * (labels == 1) + 400 * (labels == 2) + rng.normal(0, 30, shape)
         nib.save(nib.Nifti1Image(image.astype(np.float32), affine), root / "imagesTr" / f"ph_{i:03d}_0000.nii.gz")
         nib.save(nib.Nifti1Image(labels, affine), root / "labelsTr" / f"ph_{i:03d}.nii.gz")
     (root / "dataset.json").write_text(json.dumps({
