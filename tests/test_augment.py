@@ -10,8 +10,10 @@ import torch
 from scipy import ndimage
 
 from masksam_core.data.augment import (
+    AUGMENTATIONS,
     AugmentConfig,
     AugmentError,
+    augmentation_settings,
     build_train_transforms,
     is_anisotropic,
     sampling_size,
@@ -216,6 +218,34 @@ def test_probabilities_match_the_configuration() -> None:
     for name, p in expected.items():
         tolerance = 4.5 * math.sqrt(p * (1 - p) / n)
         assert abs(counts[name] / n - p) < tolerance, (name, counts[name] / n, p)
+
+
+def test_augmentation_levels_switch_off_what_they_name() -> None:
+    patch = (4, 16, 16)
+    tr0 = build_train_transforms(patch, anisotropic=True)
+    labels = blobs(tr0.input_size)
+    data = {"image": encoded_image(labels), "label": labels[None]}
+    fired: dict[str, dict[str, int]] = {}
+    for level in AUGMENTATIONS:
+        cfg, axes = augmentation_settings(level)
+        tr = build_train_transforms(patch, anisotropic=True, mirror_axes=axes, config=cfg, seed=3)
+        fired[level] = {}
+        for _ in range(200):
+            out = tr(data)
+            for name, on in tr.applied.items():
+                fired[level][name] = fired[level].get(name, 0) + on
+            if level in ("intensity", "none"):  # labels exactly as sampled: no rotation, scaling or mirroring
+                np.testing.assert_array_equal(out["label"][0].numpy(), centre(labels, patch))
+            if level == "none":
+                np.testing.assert_array_equal(out["image"].numpy(), centre(data["image"], patch))
+    spatial = {"rotation", "scaling"}
+    mirrors = {"mirror0", "mirror1", "mirror2"}
+    assert all(fired["full"][k] > 0 for k in spatial | mirrors) and "mirror0" not in fired["no-mirror"]
+    assert all(fired["no-mirror"][k] > 0 for k in spatial) and fired["no-mirror"]["gamma"] > 0
+    assert all(fired["intensity"][k] == 0 for k in spatial) and fired["intensity"]["noise"] > 0
+    assert sum(fired["none"].values()) == 0
+    with pytest.raises(AugmentError, match="choose one of: full, no-mirror, intensity, none"):
+        augmentation_settings("some")
 
 
 def test_bad_inputs_raise_clear_errors() -> None:

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from masksam_core.cli import main
+from masksam_core.errors import MaskSAMError
 from masksam_core.training.checkpoint import load_run
 from masksam_core.training.trainer import TrainConfig, Trainer
 
@@ -241,6 +242,12 @@ def test_errors_are_clear(phantom, tmp_path, capsys, trained):
     assert main(["train", str(phantom), "--out", str(trained.out), "--resume", "--preset", "lite"]) == 1
     assert "was trained with --preset tiny, not lite" in capsys.readouterr().err
 
+    assert main(["train", str(phantom), "--out", str(trained.out), "--resume", "--augmentation", "none"]) == 1
+    assert "was trained with --augmentation full, not none" in capsys.readouterr().err
+    with pytest.raises(MaskSAMError, match="--augmentation spatial is unknown: choose one of full, no-mirror"):
+        list(Trainer(TrainConfig(str(phantom), str(tmp_path / "aug"), preset="tiny", augmentation="spatial")).run())
+    assert not (tmp_path / "aug").exists()
+
 
 def test_broken_data_set_is_reported_before_anything_heavy(phantom, tmp_path, capsys):
     import shutil
@@ -316,3 +323,17 @@ def test_augmentation_follows_the_patch_shape_as_nnunet(phantom, tmp_path, patch
     spatial = data.transforms.steps[0][1]
     assert spatial.anisotropic is dummy_2d
     assert (data.transforms.input_size[0] == patch[0]) is dummy_2d
+    assert [name for name, _ in data.transforms.steps][-3:] == ["mirror0", "mirror1", "mirror2"]
+
+
+def test_augmentation_setting_reaches_the_loader(phantom, tmp_path):
+    from masksam_core.training.checkpoint import resolve_config
+    from masksam_core.training.data_setup import prepare_data
+
+    config = resolve_config(TrainConfig(str(phantom), str(tmp_path / "run"), preset="tiny", patch_size=(2, 64, 64),
+                                        val_fraction=0, num_workers=0, augmentation="intensity"))
+    data = prepare_data(config, tmp_path / "run", patch_size=(2, 64, 64))
+    spatial = data.transforms.steps[0][1]
+    assert (spatial.cfg.p_rotation, spatial.cfg.p_scaling) == (0.0, 0.0)
+    assert not any(name.startswith("mirror") for name, _ in data.transforms.steps)
+    assert data.transforms.steps[1][1].prob == 0.1  # noise as nnU-Net

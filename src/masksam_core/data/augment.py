@@ -20,6 +20,9 @@ are MONAI's. Defaults (:class:`AugmentConfig`), p per sample:
   per channel, gamma 0.7–1 or 1–1.5 with equal odds;
 * mirroring (``RandFlipd``): p 0.5 independently per axis in ``mirror_axes``.
 
+:func:`augmentation_settings` gives the settings of the ``--augmentation`` levels of
+``masksam-core train`` (:data:`AUGMENTATIONS`): ``full`` (the above), ``no-mirror``, ``intensity``, ``none``.
+
 nnU-Net samples a patch larger than the training patch and crops its centre after rotation and scaling,
 so that rotated corners hold image rather than padding. :func:`sampling_size` gives that larger size
 (bounding box of the patch rotated by any allowed angle, divided by 0.85 as nnU-Net does); the spatial
@@ -87,6 +90,26 @@ class AugmentConfig:
         if self.rotation_deg is not None:
             return float(self.rotation_deg)
         return 180.0 if anisotropic else 30.0
+
+
+AUGMENTATIONS: dict[str, str] = {
+    "full": "the nine augmentations (the paper's and nnU-Net's default)",
+    "no-mirror": "all but mirroring (labels that name a side, such as kidney_left and kidney_right)",
+    "intensity": "noise, blur, brightness, contrast, low resolution and gamma; no rotation, scaling or mirroring",
+    "none": "patches as sampled",
+}
+
+
+def augmentation_settings(level: str) -> tuple[AugmentConfig, tuple[int, ...]]:
+    """The :class:`AugmentConfig` and mirror axes of a ``--augmentation`` level (a key of :data:`AUGMENTATIONS`)."""
+    if level not in AUGMENTATIONS:
+        raise AugmentError(f"unknown augmentation {level!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+    off = {f: 0.0 for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")}
+    if level == "none":
+        return AugmentConfig(**off), ()
+    if level == "intensity":
+        return AugmentConfig(p_rotation=0.0, p_scaling=0.0), ()
+    return AugmentConfig(), () if level == "no-mirror" else (0, 1, 2)
 
 
 def is_anisotropic(patch_size: Sequence[int]) -> bool:

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         val_every=args.val_every, seed=args.seed, resume=args.resume, base_checkpoint=args.base_checkpoint,
         time_limit=args.time_limit, num_workers=args.num_workers, grad_checkpointing=args.grad_checkpointing,
         patch_size=tuple(args.patch_size) if args.patch_size else None, num_queries=args.num_queries,
-        cache_dir=args.cache_dir,
+        augmentation=args.augmentation, cache_dir=args.cache_dir,
     )
     trainer = Trainer(config)
     signals: list[int] = []
@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    from ..data.augment import AUGMENTATIONS
+
     p = subparsers.add_parser(
         "train",
         help="train MaskSAM on a data set (nnU-Net raw layout)",
@@ -140,6 +142,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute encoder blocks in backward to save memory")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("T", "H", "W"), help="override the preset's patch size")
     p.add_argument("--num-queries", type=int, help="override the preset's number of queries")
+    p.add_argument("--augmentation", choices=list(AUGMENTATIONS),
+                   help="training augmentation (default: full): " + "; ".join(f"{k}: {v}" for k, v in AUGMENTATIONS.items()))
     p.add_argument("--cache-dir", metavar="DIR", help="preprocessed-data cache (default: RUN_DIR/preprocessed)")
     p.set_defaults(func=run)
 

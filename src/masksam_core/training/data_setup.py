@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.augment import TrainTransforms, build_train_transforms, is_anisotropic
+from ..data.augment import TrainTransforms, augmentation_settings, build_train_transforms, is_anisotropic
 from ..data.dataset import load_checked_dataset
 from ..data.loader import CaseFiles, make_train_loader
 from ..data.plans import fingerprint_dataset, load_plans, make_plans, save_plans
@@ -130,7 +130,9 @@ def prepare_data(config: Any, out: Path, *, patch_size: tuple[int, int, int],
 
     # nnU-Net's "dummy 2D" rule looks at the PATCH (max / T > 3), not at the spacing: slab patches of a few
     # slices are rotated and scaled in-plane only, whatever the voxel size
-    transforms = build_train_transforms(patch_size, anisotropic=is_anisotropic(patch_size), seed=config.seed)
+    augment, mirror_axes = augmentation_settings(config.augmentation)
+    transforms = build_train_transforms(patch_size, anisotropic=is_anisotropic(patch_size), mirror_axes=mirror_axes,
+                                        seed=config.seed, config=augment)
     rank, world = dist.rank(), dist.world_size()
 
     def loader(*, epoch: int, start_iteration: int = 0) -> Iterable[dict[str, Any]]:

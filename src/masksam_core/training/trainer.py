@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.augment import AUGMENTATIONS
 from ..devices import autocast_dtype, available_devices, reuse_freed_memory
 from ..errors import MaskSAMError
 from ..modeling import build_model, gt_prompts, semantic_scores
@@ -61,6 +62,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     patch_size: tuple[int, int, int] | None = None
     num_queries: int | None = None
+    augmentation: str | None = None
     cache_dir: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -170,6 +172,8 @@ class Trainer:
             self.config = ckpt_io.resolve_config(c)
             self.epochs = c.epochs or get_preset(self.config.preset).epochs
         c = self.config
+        if c.augmentation not in AUGMENTATIONS:
+            raise MaskSAMError(f"--augmentation {c.augmentation} is unknown: choose one of {', '.join(AUGMENTATIONS)}")
         for flag, value, ok in (("--epochs", self.epochs, self.epochs >= 1),
                                 ("--iters-per-epoch", c.iters_per_epoch, c.iters_per_epoch >= 1),
                                 ("--batch-size", c.batch_size, c.batch_size >= 1), ("--lr", c.lr, c.lr > 0),
