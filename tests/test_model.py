@@ -134,7 +134,7 @@ def test_new_model_encoder_equals_frozen_encoder():
     images = torch.randn(8, 3, 64, 64)
     neck, feats = model.encoder_adapters(model.sam.image_encoder, images, 4)
     torch.testing.assert_close(neck, model.sam.image_encoder(images), rtol=1e-5, atol=1e-5)
-    assert len(feats) == 4 and feats[0].shape == (8, 48, 8, 8)
+    assert len(feats) == 4 and feats[0].shape == (8, 48, 16, 16)
 
 
 def test_zero_shot_equals_base_sam_exactly():
@@ -161,7 +161,7 @@ def test_zero_shot_equals_base_sam_exactly():
                 multimask_output=False,
             )
             ref.append(masks[:, 0])
-    assert ours.shape == (3, 2, 32, 32)
+    assert ours.shape == (3, 2, 64, 64)
     assert torch.equal(ours, torch.stack(ref))
 
 
@@ -182,7 +182,7 @@ def test_adapted_decoder_with_adapters_off_equals_sam_decoder():
             sam.mask_decoder, emb, pe, sparse, dense, None, 1, enabled=False, with_classifier=False
         )
     assert logits is None
-    torch.testing.assert_close(ours.reshape(2, 2, 32, 32), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.reshape(2, 2, 64, 64), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_gt_prompts_one_mask_per_class():

@@ -221,13 +221,17 @@ def _vit(name: str, embed_dim: int, depth: int, num_heads: int, globals_: tuple[
 def build_tiny_backbone(*, image_size: int = 64) -> SamBackbone:
     """A small random ViT SAM for tests and quick CPU runs (no pretrained weights).
 
-    Patch size 8, width 48, 4 blocks (windowed attention in blocks 0 and 2,
-    global in 1 and 3; every block's output is a skip feature), prompt/decoder width 64.
+    Patch size 4 (a 16² image embedding for 64² slices, so SAM's 4x upscaling gives masks at
+    the full 64²), width 48, 4 blocks (windowed attention in blocks 0 and 2, global in 1 and 3;
+    every block's output is a skip feature), prompt/decoder width 64.
 
     The prompt encoder and mask decoder stay frozen like a pretrained SAM's, so they must
     be wide enough to carry a prompt through at random: at width 32 (a 2-channel first
     mask-prompt convolution, 4 output channels per pixel) every query's mask came out
-    nearly the same, whatever its prompt, and classes were lost in training.
+    nearly the same, whatever its prompt, and classes were lost in training. With patch
+    size 8 (an 8² embedding, masks at 32²) the final masks were coarser than the prompt
+    generator's own (box Dice 0.84 against 0.96 on held-out phantoms) and training took twice
+    as many iterations to reach Dice 0.9.
     """
     return build_vit_backbone(
         name="tiny",
@@ -237,7 +241,7 @@ def build_tiny_backbone(*, image_size: int = 64) -> SamBackbone:
         global_attn_indexes=(1, 3),
         feature_blocks=(0, 1, 2, 3),
         image_size=image_size,
-        patch_size=8,
+        patch_size=4,
         window_size=4,
         prompt_dim=64,
         mask_in_chans=16,
