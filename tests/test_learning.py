@@ -3,7 +3,7 @@
 Nine phantoms train, three are held out (a ball and a box at least 3 mm apart, see ``phantom.py``).
 Training runs the whole pipeline with ``augmentation="intensity"`` (noise, blur, brightness, contrast,
 low resolution and gamma; no rotation, scaling or mirroring) and 6 queries (``--num-queries 6``; the
-preset's 10 cost a quarter more per step). Measured on 2 CPU cores, 200 iterations (about 2 minutes),
+preset's 10 cost about a third more per step). Measured on 2 CPU cores, 200 iterations (about 2 minutes),
 held-out Dice (ball / box), 0.0 before training:
 
 * this test (seed 0): 0.94 / 0.94 (2 min 25 s with set-up); with 10 queries: 0.95 / 0.93 (seed 1: 0.95 / 0.93);
