@@ -280,6 +280,9 @@ def test_bad_input_becomes_a_notification(make_napari_viewer, tmp_path, runs, no
     refused("nothing to resume")
     widget.resume.value = False
     widget.advanced.value = True
+    assert not widget.augmentation.native.isHidden() and widget.augmentation.value == "full"
+    widget.augmentation.value = "no-mirror"
+    assert widget.plan()[0].augmentation == "no-mirror"  # the setting reaches the trainer
     widget.patch_size.value = "4 64"
     refused("patch size")
     assert not (tmp_path / "new").exists() and not (tmp_path / "home" / "masksam-runs").exists()

@@ -106,6 +106,7 @@ class TrainWidget(Container):
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         load_triton_beside_mesa()
+        from masksam_core.data.augment import AUGMENTATIONS
         from masksam_core.modeling.presets import PRESETS
 
         self._viewer = viewer
@@ -133,7 +134,10 @@ class TrainWidget(Container):
         self.lr = FloatSpinBox(label="learning rate", min=1e-5, max=1.0, step=1e-5, value=1e-3)
         self.val_fraction = FloatSpinBox(label="validation fraction", min=0.0, max=0.9, step=0.05, value=0.2)
         self.workers = SpinBox(label="loader processes", min=0, max=64, value=2)
-        self._advanced = [self.batch_size, self.patch_size, self.queries, self.lr, self.val_fraction, self.workers]
+        self.augmentation = ComboBox(label="augmentation", choices=list(AUGMENTATIONS), value="full",
+                                     tooltip="\n".join(f"{k}: {v}" for k, v in AUGMENTATIONS.items()))
+        self._advanced = [self.batch_size, self.patch_size, self.queries, self.lr, self.val_fraction, self.workers,
+                          self.augmentation]
         self.start_button, self.stop_button = PushButton(text="Start"), PushButton(text="Stop", enabled=False)
         self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
         self.stats, self.status = Label(value=""), Label(value="")
@@ -249,7 +253,8 @@ class TrainWidget(Container):
                                "(e.g. 8 256 256), or leave it empty for the preset's")
         return {"preset": self.preset.value, "iters_per_epoch": self.iters.value, "batch_size": self.batch_size.value,
                 "lr": self.lr.value, "val_fraction": self.val_fraction.value,
-                "patch_size": tuple(int(t) for t in text) if text else None, "num_queries": self.queries.value or None}
+                "patch_size": tuple(int(t) for t in text) if text else None, "num_queries": self.queries.value or None,
+                "augmentation": self.augmentation.value}
 
     def plan(self) -> tuple[TrainConfig, LayersData | None]:
         """(The trainer's config, the layers to export or None); raises MaskSAMError saying what to fix."""
