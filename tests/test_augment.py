@@ -68,6 +68,15 @@ def test_sampling_size_hand_computed() -> None:
     assert is_anisotropic((8, 256, 256)) and not is_anisotropic((64, 128, 128))
 
 
+@pytest.mark.parametrize("level", ["intensity", "none"])
+def test_levels_without_rotation_or_scaling_sample_the_patch_itself(level: str) -> None:
+    cfg, _ = augmentation_settings(level)
+    assert sampling_size((8, 256, 256), anisotropic=True, config=cfg) == (8, 256, 256)
+    assert sampling_size((64, 64, 64), anisotropic=False, config=cfg) == (64, 64, 64)
+    # scaling alone still needs context around the patch (shrinking pulls in image from outside it)
+    assert sampling_size((64, 64, 64), anisotropic=False, config=config(p_scaling=1)) == (76, 76, 76)
+
+
 @pytest.mark.parametrize(("patch", "aniso"), CASES)
 def test_rotation_scaling_keep_labels_aligned_nearest(patch: tuple[int, ...], aniso: bool) -> None:
     # Image resampled NEAREST like the labels: every output voxel must come from the same input voxel,

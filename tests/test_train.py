@@ -334,6 +334,7 @@ def test_augmentation_setting_reaches_the_loader(phantom, tmp_path):
                                         val_fraction=0, num_workers=0, augmentation="intensity"))
     data = prepare_data(config, tmp_path / "run", patch_size=(2, 64, 64))
     spatial = data.transforms.steps[0][1]
-    assert (spatial.cfg.p_rotation, spatial.cfg.p_scaling) == (0.0, 0.0)
+    assert (spatial.p_rotation, spatial.p_scaling) == (0.0, 0.0)
+    assert data.transforms.input_size == (2, 64, 64)  # nothing to rotate: no context around the patch
     assert not any(name.startswith("mirror") for name, _ in data.transforms.steps)
     assert data.transforms.steps[1][1].prob == 0.1  # noise as nnU-Net

@@ -18,19 +18,8 @@ Sidecar files: a TIFF's spacing can come from ``<file>.json`` (``scan.tif.json``
 writes it, ``<stem>.json`` (``scan.json``), holding ``{"spacing": [sz, sy, sx]}``; class names
 are written to ``<stem>.classes.json``. Readers are chosen by :func:`image_format`.
 
-DICOM (read only, through SimpleITK/GDCM): a folder holding the files of one series, or one ``.dcm``
-file, which selects the series it belongs to among the files of its folder (subfolders are not
-searched). A folder with several series is an error that lists them (series UID, file count,
-description): pass one file of the wanted series, or move each series into its own folder. Slices
-are sorted by their position along the slice normal (ImagePositionPatient projected on the cross
-product of the ImageOrientationPatient row and column directions); unevenly spaced or duplicated
-positions (missing slices, several echoes or time points in one series) are an error. The array is
-(Z, Y, X) with Z along the normal, spacing (sz, sy, sx) from PixelSpacing and the position step, and
-the affine is converted from DICOM's LPS world to NIfTI's RAS world (x and y negated), so
-``world_ras = affine @ [x, y, z, 1]`` as for NIfTI; its third column is the actual step between
-slice positions (a tilted-gantry series keeps its shear). Results for a DICOM input are written as
-NIfTI (or TIFF) with that affine and a fresh header (qform/sform code 1, scanner); writing DICOM
-(e.g. DICOM-SEG) is not supported.
+DICOM (read only, through SimpleITK): a series folder or one ``.dcm`` file, read as (Z, Y, X) along the
+slice normal with an RAS affine; the rules are in :mod:`masksam_core.io_dicom`.
 """
 
 from __future__ import annotations
@@ -38,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +37,7 @@ import numpy as np
 import tifffile
 
 from .errors import MaskSAMError
+from .io_tiff import tiff_spacing
 
 __all__ = ["ImageGeometry", "classes_sidecar", "compare_geometry", "image_format", "read_geometry",
            "read_image", "spacing_sidecar", "write_image", "write_labels"]
@@ -56,8 +45,6 @@ __all__ = ["ImageGeometry", "classes_sidecar", "compare_geometry", "image_format
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 TIFF_SUFFIXES = (".tif", ".tiff")
 SUPPORTED = "NIfTI (.nii, .nii.gz), 3D TIFF (.tif, .tiff) or DICOM (.dcm, or a series folder)"
-_UNIT_MM = {"mm": 1.0, "millimeter": 1.0, "millimetre": 1.0, "cm": 10.0, "m": 1000.0, "nm": 1e-6,
-            "um": 1e-3, "micron": 1e-3, "microns": 1e-3, "\u00b5m": 1e-3, "\\u00b5m": 1e-3}
 
 
 @dataclass
@@ -178,34 +165,6 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, ImageGeometry]:
     return np.ascontiguousarray(data.transpose(2, 1, 0)), geometry
 
 
-def _tiff_spacing(path: Path, tif: tifffile.TiffFile) -> tuple[float, float, float]:
-    """(sz, sy, sx) from a sidecar JSON, else ImageJ metadata, else 1.0 with a warning."""
-    for sidecar in (spacing_sidecar(path), path.with_name(_split_suffix(path)[0] + ".json")):
-        if sidecar.is_file():
-            try:
-                spacing = tuple(float(s) for s in json.loads(sidecar.read_text(encoding="utf-8"))["spacing"])
-            except (ValueError, KeyError, TypeError) as error:
-                raise MaskSAMError(f"{sidecar}: expected JSON like {{\"spacing\": [sz, sy, sx]}} "
-                                   f"({error}); fix or delete this file") from error
-            if len(spacing) != 3 or min(spacing) <= 0:
-                raise MaskSAMError(f"{sidecar}: 'spacing' must be 3 positive numbers [sz, sy, sx] "
-                                   f"in mm, got {list(spacing)}")
-            return spacing  # type: ignore[return-value]
-    meta, tags = tif.imagej_metadata or {}, tif.pages[0].tags
-    if meta and "XResolution" in tags and "YResolution" in tags:  # pixels per unit, as (num, den)
-        unit = str(meta.get("unit", "mm")).strip().lower()
-        if unit not in _UNIT_MM:
-            warnings.warn(f"{path}: unknown ImageJ unit {unit!r}; taking it as mm", stacklevel=3)
-        scale = _UNIT_MM.get(unit, 1.0)
-        (ny, dy), (nx, dx) = tags["YResolution"].value, tags["XResolution"].value
-        return (float(meta.get("spacing", 1.0)) * scale, dy / ny * scale if ny else scale,
-                dx / nx * scale if nx else scale)
-    warnings.warn(f"{path}: no spacing found (no {spacing_sidecar(path).name} sidecar, no ImageJ "
-                  "metadata); using 1.0 mm. Write {\"spacing\": [sz, sy, sx]} to "
-                  f"{spacing_sidecar(path).name} to set it.", stacklevel=3)
-    return (1.0, 1.0, 1.0)
-
-
 def _tiff(path: Path, load: bool) -> tuple[np.ndarray | None, ImageGeometry]:
     try:
         with tifffile.TiffFile(path) as tif:
@@ -214,7 +173,8 @@ def _tiff(path: Path, load: bool) -> tuple[np.ndarray | None, ImageGeometry]:
                 raise MaskSAMError(f"{path}: a colour (RGB) image of shape {series.shape}; "
                                    "save a greyscale 3D stack (Z, Y, X) instead")
             _check_3d(tuple(series.shape), path, f"Z, Y, X; this file's axes are {series.axes}")
-            spacing = _tiff_spacing(path, tif)
+            spacing = tiff_spacing(path, tif, (spacing_sidecar(path),
+                                               path.with_name(_split_suffix(path)[0] + ".json")))
             data = np.ascontiguousarray(series.asarray()) if load else None
     except MaskSAMError:
         raise

@@ -1,9 +1,18 @@
-"""DICOM series reading for :mod:`masksam_core.io` (through SimpleITK, imported on use).
+"""DICOM series reading for :mod:`masksam_core.io` (through SimpleITK/GDCM, imported on use).
 
-A folder holding one series (or one ``.dcm`` file, which selects its series) reads as a
-(Z, Y, X) array sorted along the slice normal, with spacing from the headers and an affine
-converted from DICOM's LPS to the RAS convention of NIfTI. Results for a DICOM input are
-written as NIfTI with that affine; DICOM-SEG output is not supported.
+Read only: a folder holding the files of one series, or one ``.dcm``
+file, which selects the series it belongs to among the files of its folder (subfolders are not
+searched). A folder with several series is an error that lists them (series UID, file count,
+description): pass one file of the wanted series, or move each series into its own folder. Slices
+are sorted by their position along the slice normal (ImagePositionPatient projected on the cross
+product of the ImageOrientationPatient row and column directions); unevenly spaced or duplicated
+positions (missing slices, several echoes or time points in one series) are an error. The array is
+(Z, Y, X) with Z along the normal, spacing (sz, sy, sx) from PixelSpacing and the position step, and
+the affine is converted from DICOM's LPS world to NIfTI's RAS world (x and y negated), so
+``world_ras = affine @ [x, y, z, 1]`` as for NIfTI; its third column is the actual step between
+slice positions (a tilted-gantry series keeps its shear). Results for a DICOM input are written as
+NIfTI (or TIFF) with that affine and a fresh header (qform/sform code 1, scanner); writing DICOM
+(e.g. DICOM-SEG) is not supported.
 """
 
 from __future__ import annotations

@@ -41,21 +41,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.data import get_track_meta, set_track_meta
-from monai.networks.layers import gaussian_1d, separable_filtering
 from monai.transforms import (
-    AffineGrid, Compose, MapTransform, OneOf, RandAdjustContrast, RandFlipd, RandGaussianNoised,
-    Randomizable, RandScaleIntensity, RandScaleIntensityFixedMean, RandSimulateLowResolution, Resample,
-    ResizeWithPadOrCrop,
+    Compose, OneOf, RandAdjustContrast, RandFlipd, RandGaussianNoised, Randomizable, RandScaleIntensity,
+    RandScaleIntensityFixedMean, RandSimulateLowResolution,
 )
 from monai.utils import MAX_SEED
 
-from masksam_core.errors import MaskSAMError
+from .transforms import AugmentError, RandGaussianBlur, RandPerChannel, RandRotateScaleCropd, check_patch
 
 ANISO_THRESHOLD = 3.0  # nnU-Net: a patch is anisotropic when max(patch) / patch[0] > 3
-
-
-class AugmentError(MaskSAMError):
-    """Augmentation settings or inputs that cannot work."""
 
 
 @dataclass(frozen=True)
@@ -117,12 +111,6 @@ def is_anisotropic(patch_size: Sequence[int]) -> bool:
     return max(patch_size) / patch_size[0] > ANISO_THRESHOLD
 
 
-def _check_patch(patch_size: Sequence[int]) -> tuple[int, int, int]:
-    if len(patch_size) != 3 or any(int(p) != p or p < 1 for p in patch_size):
-        raise AugmentError(f"patch_size must be three positive integers (T, H, W), got {tuple(patch_size)}")
-    return tuple(int(p) for p in patch_size)  # type: ignore[return-value]
-
-
 def _rotation_matrix(axis: int, angle: float) -> np.ndarray:
     """3x3 rotation about spatial axis ``axis`` (in the plane of the two other axes)."""
     a, b = [d for d in range(3) if d != axis]
@@ -140,9 +128,12 @@ def sampling_size(
     The bounding box of the patch rotated by every angle up to the configured maximum (about each axis
     separately, as nnU-Net does; only about the slice axis when anisotropic, where T' = T), times
     ``context_scale``. Each axis is rounded up so that T' - T is even: the centre crop is then exact.
+    Without rotation and scaling (``--augmentation intensity`` or ``none``) it is the patch itself.
     """
-    patch = np.array(_check_patch(patch_size), dtype=float)
+    patch = np.array(check_patch(patch_size), dtype=float)
     cfg = config or AugmentConfig()
+    if cfg.p_rotation == 0 and cfg.p_scaling == 0:  # nothing to resample: the patch itself
+        return tuple(int(p) for p in patch)  # type: ignore[return-value]
     max_rad = math.radians(min(cfg.rotation(anisotropic), 180.0)) if cfg.p_rotation > 0 else 0.0
     corners = np.array(list(itertools.product((-0.5, 0.5), repeat=3))) * patch
     extent = patch / 2
@@ -154,142 +145,6 @@ def sampling_size(
         size[0] = int(patch[0])
     size += (size - patch.astype(int)) % 2
     return tuple(int(s) for s in size)  # type: ignore[return-value]
-
-
-class RandRotateScaleCropd(Randomizable, MapTransform):
-    """Rotation and scaling (nnU-Net's spatial transform without elastic deformation) + centre crop.
-
-    Input ``image`` (C, T', H', W') and ``label`` (1, T', H', W') of any size; output (., T, H, W) with
-    the output grid centred on the input. Resampling: MONAI's ``AffineGrid`` + ``Resample`` (image
-    ``image_mode``, labels nearest, zeros padding, one grid for both keys; anisotropic: one 2D grid for
-    all slices, folded into channels, so nothing mixes across slices). When neither rotation nor scaling
-    fires, the centre is cropped (zero-padded if the input is smaller) with no interpolation.
-    """
-
-    def __init__(self, patch_size: Sequence[int], *, anisotropic: bool, config: AugmentConfig) -> None:
-        MapTransform.__init__(self, ("image", "label"))
-        self.patch_size = _check_patch(patch_size)
-        self.anisotropic = anisotropic
-        self.cfg = config
-        self.angles = np.zeros(3)
-        self.scales = np.ones(3)
-        self.rotated = self.scaled = False
-
-    def randomize(self, data: object = None) -> None:
-        """Draw whether to rotate / scale and the angles (radians) and scale factor."""
-        self.rotated = bool(self.R.rand() < self.cfg.p_rotation)
-        self.scaled = bool(self.R.rand() < self.cfg.p_scaling)
-        limit = math.radians(self.cfg.rotation(self.anisotropic))
-        self.angles = np.zeros(3)
-        if self.rotated:
-            if self.anisotropic:
-                self.angles[0] = self.R.uniform(-limit, limit)
-            else:
-                self.angles[:] = self.R.uniform(-limit, limit, size=3)
-        self.scales = np.ones(3)
-        if self.scaled:
-            factor = self.R.uniform(*self.cfg.scaling)
-            self.scales[1 if self.anisotropic else 0 :] = factor
-
-    def __call__(self, data: Mapping) -> dict:
-        self.randomize()
-        out = dict(data)
-        if not (self.rotated or self.scaled):
-            crop = ResizeWithPadOrCrop(self.patch_size, mode="constant")
-            for key in self.key_iterator(out):
-                out[key] = crop(out[key])
-            return out
-        t, h, w = self.patch_size
-        if self.anisotropic:  # per-slice 2D transform: slices folded into channels, T only cropped/padded
-            grid, _ = AffineGrid(rotate_params=float(self.angles[0]), scale_params=self.scales[1:].tolist())(
-                spatial_size=(h, w)
-            )
-        else:
-            grid, _ = AffineGrid(rotate_params=self.angles.tolist(), scale_params=self.scales.tolist())(
-                spatial_size=self.patch_size
-            )
-        for key in self.key_iterator(out):
-            img = out[key]
-            if self.anisotropic:
-                img = ResizeWithPadOrCrop((t, -1, -1), mode="constant")(img)
-            # an odd size difference would put the input centre between voxels: drop the last voxel
-            trim = tuple(slice(0, s - ((s - p) % 2)) for s, p in zip(img.shape[1:], self.patch_size))
-            img = torch.as_tensor(img)[(slice(None), *trim)]
-            if self.anisotropic:
-                img = img.reshape(-1, *img.shape[2:])
-            mode = self.cfg.image_mode if key == "image" else "nearest"
-            res = Resample(mode=mode, padding_mode="zeros", dtype=np.float32)(img, grid=grid)
-            out[key] = torch.as_tensor(res).reshape(-1, t, h, w)
-        return out
-
-
-class RandGaussianBlur(Randomizable):
-    """Gaussian blur of one channel (1, T, H, W), sigma uniform in ``sigma`` per axis: MONAI's sampled
-    ``gaussian_1d`` kernels (4 sigma, normalised, as nnU-Net's) and ``separable_filtering`` continuing the
-    patch by its edge voxels (nnU-Net reflects; thin slabs are too thin for that). Not MONAI's
-    ``GaussianSmooth``: its zero padding pulls the border of a normalised image towards 0, and on a 4-slice
-    patch every slice is a border slice."""
-
-    def __init__(self, sigma: tuple[float, float], truncated: float = 4.0) -> None:
-        self.sigma = (float(sigma[0]), float(sigma[1]))
-        self.truncated = truncated
-        self.sigmas = np.zeros(0)
-
-    def randomize(self, data: object = None) -> None:
-        self.sigmas = self.R.uniform(self.sigma[0], self.sigma[1], size=3)
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(img, dtype=torch.float32)
-        self.randomize()
-        kernels = [gaussian_1d(float(s), truncated=self.truncated, approx="sampled") for s in self.sigmas[: x.ndim - 1]]
-        kernels = [k / k.sum() for k in kernels]  # sums to 1: flat regions stay flat
-        return separable_filtering(x[None], kernels, mode="replicate")[0]
-
-
-class RandPerChannel(Randomizable, MapTransform):
-    """With probability ``prob`` per sample, apply ``transform`` to each channel with ``p_per_channel``.
-
-    ``transform`` is a MONAI array transform (its own probability 1) that gets one channel (1, T, H, W);
-    with ``fold_depth`` it gets (T, H, W) instead, i.e. a 2D image whose "channels" are the slices, so
-    that it leaves the slice axis alone (nnU-Net's ``ignore_axes=(0,)``).
-    """
-
-    def __init__(
-        self, transform: Callable, *, prob: float, p_per_channel: float = 1.0, fold_depth: bool = False
-    ) -> None:
-        MapTransform.__init__(self, "image")
-        self.transform = transform
-        self.prob = prob
-        self.p_per_channel = p_per_channel
-        self.fold_depth = fold_depth
-        self.applied = False
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed=seed, state=state)
-        if isinstance(self.transform, Randomizable):
-            self.transform.set_random_state(seed=int(self.R.randint(MAX_SEED, dtype="uint32")))
-        return self
-
-    def randomize(self, data: object = None) -> None:
-        self.applied = bool(self.R.rand() < self.prob)
-
-    def __call__(self, data: Mapping) -> dict:
-        self.randomize()
-        out = dict(data)
-        if not self.applied:
-            return out
-        for key in self.key_iterator(out):
-            img = torch.as_tensor(out[key])
-            channels = []
-            for c in range(img.shape[0]):
-                channel = img[c : c + 1]
-                if self.R.rand() < self.p_per_channel:
-                    src = channel[0] if self.fold_depth else channel
-                    res = torch.as_tensor(self.transform(src), dtype=img.dtype)
-                    channel = res[None] if self.fold_depth else res
-                channels.append(channel)
-            out[key] = torch.cat(channels, 0)
-        return out
 
 
 def _split(make: Callable[[tuple[float, float]], Callable], low: float, high: float) -> Callable:
@@ -390,7 +245,7 @@ def _randomizables(root: object) -> list[Randomizable]:
 def build_train_transforms(patch_size: Sequence[int], *, anisotropic: bool, mirror_axes: Sequence[int] = (0, 1, 2),
                            seed: int | None = None, config: AugmentConfig | None = None) -> TrainTransforms:
     """The nine augmentations in nnU-Net's order, output cropped to ``patch_size`` (T, H, W)."""
-    patch = _check_patch(patch_size)
+    patch = check_patch(patch_size)
     cfg = config or AugmentConfig()
     if any(a not in (0, 1, 2) for a in mirror_axes):
         raise AugmentError(f"mirror_axes must be among the spatial axes 0, 1, 2 (T, H, W), got {tuple(mirror_axes)}")
@@ -406,7 +261,9 @@ def build_train_transforms(patch_size: Sequence[int], *, anisotropic: bool, mirr
     lowres = RandSimulateLowResolution(prob=1.0, downsample_mode="nearest-exact", zoom_range=cfg.lowres_zoom,
                                        upsample_mode="bilinear" if anisotropic else "trilinear")
     steps: list[tuple[str, Callable]] = [
-        ("spatial", RandRotateScaleCropd(patch, anisotropic=anisotropic, config=cfg)),
+        ("spatial", RandRotateScaleCropd(patch, anisotropic=anisotropic, p_rotation=cfg.p_rotation,
+                                         max_rotation_deg=cfg.rotation(anisotropic), p_scaling=cfg.p_scaling,
+                                         scaling=cfg.scaling, image_mode=cfg.image_mode)),
         ("noise", RandGaussianNoised("image", prob=cfg.p_noise, mean=0.0, std=cfg.noise_std)),
         ("blur", RandPerChannel(RandGaussianBlur(sigma), prob=cfg.p_blur, p_per_channel=cfg.p_blur_channel)),
         ("brightness", RandPerChannel(brightness, prob=cfg.p_brightness)),
