@@ -49,25 +49,30 @@ def encoder_flops(backbone: str, image_size: int) -> int:
 
 
 def encoder_item(backbone: str, image_size: int, batch: int, device: torch.device, amp: torch.dtype | None,
-                 *, warmup: int, repeats: int) -> dict[str, Any]:
+                 *, warmup: int, repeats: int, compile: bool = False) -> dict[str, Any]:
     """Throughput of ``backbone``'s encoder on batches (batch, 3, S, S) of random images.
 
     Returns images/s, ms per image, GFLOP per image and achieved TFLOP/s (GFLOP × images/s), from the
-    median time per batch.
+    median time per batch. With ``compile`` the encoder runs through ``torch.compile``; its first call
+    (the compilation) is timed apart as ``first_call_s`` and is not among the timed calls.
     """
     flops = encoder_flops(backbone, image_size)
     torch.manual_seed(0)
     encoder = build_encoder(backbone, image_size, device)
+    network = torch.compile(encoder) if compile else encoder
     x = torch.randn(batch, 3, image_size, image_size, device=device)
 
     def call() -> None:
         with torch.no_grad(), autocast(device, amp):
-            encoder(x)
+            network(x)
 
-    times = time_calls(call, device, warmup=warmup, repeats=repeats)
+    first = time_calls(call, device, warmup=0, repeats=1)[0]
+    times = time_calls(call, device, warmup=max(warmup - 1, 0), repeats=repeats)
     median = statistics.median(times)
     images_per_s = batch / median
     return {
+        "compiled": compile,
+        "first_call_s": first,
         "gflop_per_image": flops / 1e9,
         "images_per_s": images_per_s,
         "ms_per_image": 1000 / images_per_s,

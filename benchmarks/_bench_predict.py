@@ -96,8 +96,9 @@ class Predictors:
     live in a temporary folder removed by :meth:`close`.
     """
 
-    def __init__(self, device: torch.device, amp_mode: str, spacing: tuple[float, float, float]) -> None:
-        self.device, self.amp_mode, self.spacing = device, amp_mode, spacing
+    def __init__(self, device: torch.device, amp_mode: str, spacing: tuple[float, float, float], *,
+                 compile: bool = False) -> None:
+        self.device, self.amp_mode, self.spacing, self.compile = device, amp_mode, spacing, compile
         self._tmp = tempfile.TemporaryDirectory(prefix="masksam-bench-")
         self._current: tuple[str, Any, float] | None = None
 
@@ -112,7 +113,7 @@ class Predictors:
             folder.mkdir(exist_ok=True)
             run = write_run(preset, folder, self.spacing, self.device)
             start = time.perf_counter()
-            predictor = Predictor(run, device=self.device, amp=self.amp_mode)
+            predictor = Predictor(run, device=self.device, amp=self.amp_mode, compile=self.compile)
             self._current = (preset, predictor, time.perf_counter() - start)
             (folder / "checkpoint_last.pt").unlink()
         return self._current[1], self._current[2]
@@ -158,8 +159,10 @@ def masksam_item(predictors: Predictors, preset: str, volume: np.ndarray, *, tta
     predictor, load_s = predictors.get(preset)
     device, spacing = predictors.device, predictors.spacing
     patch = predictor.patch_size
-    predictor._scores(torch.zeros(window_batch, 1, *patch, device=device))  # kernel selection, allocator
+    start = time.perf_counter()
+    predictor._scores(torch.zeros(window_batch, 1, *patch, device=device))  # kernels, allocator, compilation
     synchronize(device)
+    first_call_s = time.perf_counter() - start
     baseline = reset_peak_memory(device)
     start = time.perf_counter()
     gen = predictor.predict_iter(volume, spacing, tta=tta, batch_size=window_batch)
@@ -169,7 +172,7 @@ def masksam_item(predictors: Predictors, preset: str, volume: np.ndarray, *, tta
     total_s = time.perf_counter() - start
     assert prediction.labels.shape == volume.shape
     row = _row(patch, volume.shape, tta, device, total_s, preprocess_s, windows_s, baseline)
-    return {**row, "predictor_load_s": load_s}
+    return {**row, "predictor_load_s": load_s, "compiled": predictor.compiled, "first_call_s": first_call_s}
 
 
 def nnunet_item(plan: Any, volume: np.ndarray, spacing: tuple[float, float, float], device: torch.device,

@@ -52,7 +52,7 @@ def _machine(results: dict[str, Any]) -> list[str]:
         "",
         f"Machine: {where} ({m['device']}), {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
         f"torch {m['torch']}" + (f", CUDA {m['cuda']}" if m.get("cuda") else "") + f", code {m.get('git')}; "
-        f"autocast {results['amp']}. "
+        f"autocast {results['amp']}" + (", torch.compile" if s.get("compile") else ", eager (no torch.compile)") + ". "
         f"Load average (1/5/15 min) at start {load[0]}, at end {load[1]} "
         "(more than the thread count means other jobs shared the CPUs).",
         "",

@@ -34,8 +34,10 @@ TTA run (recorded as ``skipped`` with its estimate) when 8× its run without TTA
 
 On CUDA the networks run under bf16 autocast, as ``Predictor`` and the trainer do (``--amp``); the
 suite sets no ``torch.backends`` flags because ``Predictor`` sets none (their values are recorded).
-Each timing follows warm-up calls and ends with ``torch.cuda.synchronize``. There is no ``--compile``:
-masksam_core has no ``torch.compile`` path.
+Each timing follows warm-up calls and ends with ``torch.cuda.synchronize``. ``--compile`` runs the
+encoders and MaskSAM's networks through ``torch.compile`` (``Predictor(compile=True)``, as ``masksam-core
+predict --compile``); the first call, which compiles, is timed apart (``first_call_s``). nnU-Net's network
+and the training step stay eager, as nnU-Net's predictor and ``masksam-core train`` run them.
 
 ``--quick`` (for CPUs; the full sizes take hours there): encoders at 256² only (ViTs), one image per
 batch; prediction and training with the ``tiny`` preset only, on an 8×96×96 volume (nnU-Net planned
@@ -105,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--matmul-size", type=int, default=None, help="side of the reference matmul")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoders and MaskSAM networks")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for suite_<device>.json/.md")
     parser.add_argument("--tag", default="", help="file name suffix: suite_<device>_<tag>.json/.md")
     args = parser.parse_args(argv)
@@ -134,7 +137,7 @@ def resolve(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "presets": pick("presets", list(PRESETS)),
         "volume": pick("volume", [128, 512, 512]), "spacing": args.spacing,
         "tta": [False] if args.no_tta else [False, True], "nnunet": not args.no_nnunet, "tta_limit": args.tta_limit,
-        "amp": args.amp,
+        "amp": args.amp, "compile": args.compile,
         "window_batch": args.window_batch, "train_batch": args.train_batch,
         "warmup": pick("warmup", 3 if gpu else 1), "repeats": pick("repeats", 10 if gpu else 3),
         "matmul_size": pick("matmul_size", 8192 if gpu else 2048),
@@ -235,7 +238,8 @@ class Suite:
                 batch = encoder_batch(self.settings, self.device, size)
                 row: dict[str, Any] = {"backbone": backbone, "image_size": size, "batch": batch}
                 guarded(row, self.device, encoder_item, backbone, size, batch, self.device, self.amp,
-                        warmup=self.settings["warmup"], repeats=self.settings["repeats"])
+                        warmup=self.settings["warmup"], repeats=self.settings["repeats"],
+                        compile=self.settings["compile"])
                 if row["status"] == "ok" and peak:
                     row["fraction_of_matmul"] = row["tflops"] / peak
                 self.results["encoder"].append(row)
@@ -255,7 +259,7 @@ class Suite:
             self.results["nnunet_plan"] = {"shape": list(shape), **plan.to_dict()}
             models.append(("nnunet_3d_fullres", plan))
         models += [(f"masksam_{p}", p) for p in s["presets"]]
-        predictors = Predictors(self.device, s["amp"], spacing)
+        predictors = Predictors(self.device, s["amp"], spacing, compile=s["compile"])
         try:
             self._predict_models(models, volume, spacing, predictors)
         finally:

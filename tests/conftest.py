@@ -2,6 +2,8 @@
 
 * ``shared_data``: the project's shared data folder ``../shared/data`` next to
   the repository; tests that use it are skipped when it is absent.
+* ``torch.compile`` caches (inductor) go to a fresh folder per test session, removed at the end:
+  tests compile from scratch, as on a new machine, and leave no cache behind.
 * Tests marked ``gui`` need napari, a Qt binding and a display (Xvfb under
   ``scripts/test.sh``). Without them they are skipped -- unless the environment
   variable ``MASKSAM_REQUIRE_GUI=1`` is set (``scripts/test.sh`` and CI set
@@ -16,7 +18,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,6 +33,22 @@ REQUIRE_GUI_ENV = "MASKSAM_REQUIRE_GUI"
 
 def _require_gui() -> bool:
     return os.environ.get(REQUIRE_GUI_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+_INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"
+_own_cache: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _own_cache
+    if _INDUCTOR_CACHE not in os.environ:  # subprocesses (torchrun, the CLI) inherit it
+        _own_cache = os.environ[_INDUCTOR_CACHE] = tempfile.mkdtemp(prefix="masksam-inductor-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _own_cache is not None:
+        os.environ.pop(_INDUCTOR_CACHE, None)
+        shutil.rmtree(_own_cache, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- #

@@ -142,3 +142,21 @@ def test_tta_limit_skips_and_records_the_estimate(bench, tmp_path):
     assert tta["estimate_s"] == pytest.approx(8 * plain["windows_s"])
     assert bench.failed(results) == []
     assert "skipped (~" in (tmp_path / "suite_cpu_limit.md").read_text()
+
+
+def test_compile_switch_compiles_encoder_and_predictor(bench, tmp_path, monkeypatch):
+    import torch
+
+    compiled = []  # the compiled path itself is checked against the plain one in test_predict
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(type(module).__name__) or module)
+    results = bench.main(["--device", "cpu", "--parts", "encoder,predict", "--backbones", "tiny", "--no-nnunet",
+                          "--presets", "tiny", "--volume", "4", "32", "32", "--no-tta", "--compile", "--warmup", "1",
+                          "--repeats", "1", "--matmul-size", "256", "--threads", "1", "--tag", "compiled",
+                          "--out", str(tmp_path)])
+    assert bench.failed(results) == []
+    (encoder,), (predict,) = results["encoder"], results["predict"]
+    assert encoder["status"] == predict["status"] == "ok"
+    assert encoder["compiled"] and predict["compiled"] and results["settings"]["compile"]
+    assert encoder["first_call_s"] > 0 and predict["first_call_s"] > 0
+    assert len(compiled) == 2 and compiled[1] == "MaskSAM", compiled  # the encoder, then the predictor's network
+    assert ", torch.compile." in (tmp_path / "suite_cpu_compiled.md").read_text()

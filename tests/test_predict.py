@@ -144,6 +144,34 @@ def test_query_chunk_defaults_per_device_and_does_not_change_results(tiny_run):
             Predictor(tiny_run, device="cpu", query_chunk=bad)
 
 
+def test_compiled_network_gives_the_plain_networks_scores(tiny_run):
+    """torch.compile (inductor, C++ on the CPU) against the plain network on the same windows."""
+    plain = Predictor(tiny_run, device="cpu")
+    compiled = Predictor(tiny_run, device="cpu", compile=True)
+    assert compiled.compiled and not plain.compiled
+    # one window per call, as predict() below makes them: a second batch size would compile again
+    batch = torch.randn(1, 1, *plain.patch_size, generator=torch.Generator().manual_seed(0))
+    want = plain._scores(batch)
+    got = compiled._scores(batch)
+    assert got.shape == want.shape == (1, len(plain.class_names), *plain.patch_size)
+    assert (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want)).item() < 1e-4
+    volume = np.random.default_rng(2).normal(300, 100, (2, 40, 36)).astype(np.float32)
+    a = plain.predict(volume, (5.0, 1.0, 1.0), tta=False, return_probabilities=True)
+    b = compiled.predict(volume, (5.0, 1.0, 1.0), tta=False, return_probabilities=True)
+    np.testing.assert_allclose(b.probabilities, a.probabilities, rtol=1e-4, atol=1e-5)
+
+
+def test_a_compile_failure_is_a_clear_error(tiny_run):
+    predictor = Predictor(tiny_run, device="cpu", compile=True)
+
+    def broken(*args, **kwargs):
+        raise torch._dynamo.exc.TorchDynamoException("C++ compile error\nlong log")
+
+    predictor._network = broken
+    with pytest.raises(MaskSAMError, match=r"torch.compile could not compile .*C\+\+ compile error.*without --compile"):
+        predictor._scores(torch.zeros(1, 1, *predictor.patch_size))
+
+
 def test_reuse_freed_memory_is_nestable_and_thread_safe():
     from masksam_core import devices
 
@@ -321,6 +349,17 @@ def test_cli_skips_finished_cases_unless_overwrite(fake_run, tmp_path, capsys):
         labels = np.asarray(nib.load(tmp_path / "out" / "case0.nii.gz").dataobj).transpose(2, 1, 0)
         assert (npz["probabilities"].argmax(0) == labels).mean() > 0.99  # float16 may tie at borders
     assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
+
+
+def test_cli_compile_flag_compiles_the_network(fake_run, tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
+    write_cases(tmp_path / "in", 1)
+    args = ["predict", "-i", str(tmp_path / "in"), "-m", "x", "--no-tta"]
+    assert main([*args, "-o", str(tmp_path / "plain")]) == 0
+    assert compiled == []
+    assert main([*args, "-o", str(tmp_path / "compiled"), "--compile"]) == 0
+    assert compiled == [fake_run] and fake_run.calls > 0
 
 
 def test_cli_reports_a_corrupt_file_and_finishes_the_others(fake_run, tmp_path, capsys):

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,6 +139,24 @@ def test_ctrl_c_mid_epoch_saves_and_resume_equals_straight_run(phantom, straight
     assert rows[1]["iterations"] == 2
 
 
+@pytest.mark.slow
+def test_compiled_training_follows_the_plain_run(phantom, straight, tmp_path):
+    """--compile (torch.compile, inductor) trains the same model as the plain run, within float rounding."""
+    run = tmp_path / "run"
+    rc, _, err = finish(command(phantom, run, *SETTINGS, "--epochs", "4", "--compile"), tmp_path / "log")
+    assert rc == 0, err[-3000:]
+    losses = [r["loss"] for r in metrics(run)]
+    reference = [r["loss"] for r in metrics(straight["run"])]
+    assert len(losses) == len(reference) == 4
+    np.testing.assert_allclose(losses, reference, rtol=1e-3)
+    final, ref = checkpoint(run)["model"], checkpoint(straight["run"])["model"]
+    assert final.keys() == ref.keys()
+    for key in final:
+        if final[key].is_floating_point():
+            diff = torch.linalg.vector_norm((final[key] - ref[key]).float())
+            assert diff <= 1e-3 * torch.linalg.vector_norm(ref[key].float()) + 1e-6, key
+
+
 def test_progress_output_shows_loss_lr_and_rate(phantom, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", str(phantom), "--out", str(run), *SETTINGS, "--epochs", "2", "--num-workers", "0"]) == 0
@@ -247,6 +266,18 @@ def test_errors_are_clear(phantom, tmp_path, capsys, trained):
     with pytest.raises(MaskSAMError, match="--augmentation spatial is unknown: choose one of full, no-mirror"):
         list(Trainer(TrainConfig(str(phantom), str(tmp_path / "aug"), preset="tiny", augmentation="spatial")).run())
     assert not (tmp_path / "aug").exists()
+
+
+def test_a_compile_failure_is_a_clear_error(phantom, tmp_path, capsys, monkeypatch):
+    class Broken(torch.nn.Module):
+        def forward(self, *args):
+            raise torch._dynamo.exc.TorchDynamoException("no working C++ compiler\nlong log")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken())
+    assert main(["train", str(phantom), "--out", str(tmp_path / "run"), *SETTINGS, "--epochs", "1", "--compile"]) == 1
+    err = capsys.readouterr().err
+    assert "torch.compile could not compile the network on cpu (no working C++ compiler)" in err
+    assert "train without --compile" in err and "long log" not in err
 
 
 def test_broken_data_set_is_reported_before_anything_heavy(phantom, tmp_path, capsys):

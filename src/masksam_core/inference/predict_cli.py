@@ -292,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
 
         if torch.cuda.is_available():
             device = f"cuda:{local % torch.cuda.device_count()}"
-    predictor = Predictor(args.model, device=device, base_checkpoint=args.base_checkpoint)
+    predictor = Predictor(args.model, device=device, base_checkpoint=args.base_checkpoint, compile=args.compile)
     failed = done = 0
     for case in todo:
         start = time.perf_counter()
@@ -335,4 +335,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="also write {case}.npz with per-class probabilities (float16)")
     p.add_argument("--overwrite", action="store_true", help="predict cases whose outputs already exist again")
     p.add_argument("--base-checkpoint", metavar="PATH", help="local file with the run's base SAM weights")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network: a slow first window, then faster ones (mostly on GPUs)")
     p.set_defaults(func=run)

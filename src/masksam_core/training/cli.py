@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         val_cases=tuple(args.val_cases) if args.val_cases else None, val_fraction=args.val_fraction,
         val_every=args.val_every, seed=args.seed, resume=args.resume, base_checkpoint=args.base_checkpoint,
         time_limit=args.time_limit, num_workers=args.num_workers, grad_checkpointing=args.grad_checkpointing,
+        compile=args.compile,
         patch_size=tuple(args.patch_size) if args.patch_size else None, num_queries=args.num_queries,
         augmentation=args.augmentation, cache_dir=args.cache_dir,
     )
@@ -140,6 +141,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", type=float, metavar="MINUTES", help="save and stop after this many minutes")
     p.add_argument("--num-workers", type=int, default=2, help="background data-loading processes (default: 2)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute encoder blocks in backward to save memory")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network: a slow first step, then faster ones (mostly on GPUs)")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("T", "H", "W"), help="override the preset's patch size")
     p.add_argument("--num-queries", type=int, help="override the preset's number of queries")
     p.add_argument("--augmentation", choices=list(AUGMENTATIONS),

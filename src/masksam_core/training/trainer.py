@@ -60,6 +60,7 @@ class TrainConfig:
     time_limit: float | None = None
     num_workers: int = 2
     grad_checkpointing: bool = False
+    compile: bool = False
     patch_size: tuple[int, int, int] | None = None
     num_queries: int | None = None
     augmentation: str | None = None
@@ -142,6 +143,8 @@ class Trainer:
         self.amp = autocast_dtype(device, c.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.net = dist.wrap(self.model, device)
+        if c.compile:  # the training forward through torch.compile (compiled on the first step)
+            self.net = torch.compile(self.net)
 
     def _start(self, last_path: Path) -> dict[str, Any] | None:
         """Check RUN_DIR against --resume; resolve the settings; returns the checkpoint when resuming."""
@@ -303,7 +306,15 @@ class Trainer:
         y = batch["labels"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             prompts = gt_prompts(y, self.model.num_classes) if self.model.prompt_mode == "gt" else None
-            out = self.net(x, prompts)
+            if not self.config.compile:
+                out = self.net(x, prompts)
+            else:
+                try:
+                    out = self.net(x, prompts)
+                except torch._dynamo.exc.TorchDynamoException as error:
+                    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    raise MaskSAMError(f"torch.compile could not compile the network on {device} ({first}); "
+                                       "train without --compile (same model)") from error
         num_masks = None
         if dist.world_size() > 1:  # Mask2Former: normalise by the mean number of target masks over ranks
             counts = torch.zeros(y.shape[0] * y.shape[1], self.model.num_classes, device=y.device)
