@@ -160,3 +160,18 @@ def test_compile_switch_compiles_encoder_and_predictor(bench, tmp_path, monkeypa
     assert encoder["first_call_s"] > 0 and predict["first_call_s"] > 0
     assert len(compiled) == 2 and compiled[1] == "MaskSAM", compiled  # the encoder, then the predictor's network
     assert ", torch.compile." in (tmp_path / "suite_cpu_compiled.md").read_text()
+
+
+def test_predict_cpu_estimates_the_whole_ct_from_its_first_windows(bench, shared_data, tmp_path):
+    """benchmarks/predict_cpu.py on the sample CT with an untrained tiny run, stopped after 3 windows."""
+    predict_cpu = importlib.import_module("benchmarks.predict_cpu")
+    out = tmp_path / "predict_cpu"
+    (row,) = predict_cpu.main(["--presets", "tiny", "--tta", "off", "--max-windows", "3", "--data", str(shared_data),
+                               "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert (row["preset"], row["tta"], row["compiled"], row["estimate"]) == ("tiny", "off", False, True)
+    assert row["windows"] == 495 and row["windows_timed"] == 3  # 122×101×112 at 3 mm, 4×64×64 windows
+    # the preprocessing and the first window, then 494 windows at the mean time of windows 2 and 3
+    assert row["seconds"] == pytest.approx(row["preprocessing_s"] + row["first_batch_s"] + 494 * row["seconds_per_window"])
+    assert row["seconds_per_window"] > 0 and row["peak_rss_mb"] > 100
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == [row]
+    assert "| tiny | off | no | 0.5 | 495 |" in out.with_suffix(".md").read_text()

@@ -63,6 +63,19 @@ _M_MMAP_THRESHOLD = -3
 _GLIBC_DEFAULT_THRESHOLD = 128 * 1024
 
 
+@contextlib.contextmanager
+def compile_errors(device: torch.device, instead: str) -> Iterator[None]:
+    """Turn a ``torch.compile`` failure (no C++ compiler, no Triton, an unsupported operation) raised
+    inside the block into a :class:`MaskSAMError` naming the device, the failure's first line and
+    ``instead`` (what to do; eager runs give the same results)."""
+    try:
+        yield
+    except torch._dynamo.exc.TorchDynamoException as error:
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else type(error).__name__
+        raise MaskSAMError(f"torch.compile could not compile the network on {device} ({first}); {instead}") from error
+
+
 def _glibc() -> Any | None:
     """glibc through ctypes, or None elsewhere (macOS, Windows, musl)."""
     if not sys.platform.startswith("linux"):

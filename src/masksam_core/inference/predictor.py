@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..devices import reuse_freed_memory
+from ..devices import compile_errors, reuse_freed_memory
 from ..errors import MaskSAMError
 from .sliding_window import Progress, sliding_window, window_starts
 
@@ -147,15 +147,8 @@ class Predictor:
 
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp or torch.float32,
                                               enabled=self.amp is not None):
-            if not self.compiled:
-                out = self.model(batch, query_chunk=self.query_chunk)
-            else:
-                try:
-                    out = self._network(batch, query_chunk=self.query_chunk)
-                except torch._dynamo.exc.TorchDynamoException as error:
-                    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                    raise MaskSAMError(f"torch.compile could not compile the network on {self.device} ({first}); "
-                                       "predict without --compile (same results)") from error
+            with compile_errors(self.device, "predict without --compile (same results)"):
+                out = self._network(batch, query_chunk=self.query_chunk)
         return semantic_scores(out["pred_logits"], out["pred_masks"])
 
     # ------------------------------------------------------------------ public API

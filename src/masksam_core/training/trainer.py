@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..data.augment import AUGMENTATIONS
-from ..devices import autocast_dtype, available_devices, reuse_freed_memory
+from ..devices import autocast_dtype, available_devices, compile_errors, reuse_freed_memory
 from ..errors import MaskSAMError
 from ..modeling import build_model, gt_prompts, semantic_scores
 from ..modeling.presets import get_preset
@@ -306,15 +306,8 @@ class Trainer:
         y = batch["labels"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             prompts = gt_prompts(y, self.model.num_classes) if self.model.prompt_mode == "gt" else None
-            if not self.config.compile:
+            with compile_errors(device, "train without --compile (same model)"):
                 out = self.net(x, prompts)
-            else:
-                try:
-                    out = self.net(x, prompts)
-                except torch._dynamo.exc.TorchDynamoException as error:
-                    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                    raise MaskSAMError(f"torch.compile could not compile the network on {device} ({first}); "
-                                       "train without --compile (same model)") from error
         num_masks = None
         if dist.world_size() > 1:  # Mask2Former: normalise by the mean number of target masks over ranks
             counts = torch.zeros(y.shape[0] * y.shape[1], self.model.num_classes, device=y.device)
