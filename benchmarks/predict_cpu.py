@@ -56,9 +56,9 @@ estimate = done < total
 if estimate:
     seconds = prep + first + per_window * (total - first_done)
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": seconds, "preprocessing_s": prep, "windows": total, "windows_timed": done, "seconds_per_window": per_window,
-                  "first_batch_s": first, "compiled": compile,
-                  "estimate": estimate, "peak_rss_mb": peak_mb, "threads": __import__("torch").get_num_threads()}))
+print(json.dumps({"seconds": seconds, "preprocessing_s": prep, "windows": total, "windows_timed": done,
+                  "seconds_per_window": per_window, "first_batch_s": first, "compiled": compile, "estimate": estimate,
+                  "peak_rss_mb": peak_mb, "threads": __import__("torch").get_num_threads()}))
 """
 
 

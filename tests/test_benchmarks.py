@@ -171,7 +171,8 @@ def test_predict_cpu_estimates_the_whole_ct_from_its_first_windows(bench, shared
     assert (row["preset"], row["tta"], row["compiled"], row["estimate"]) == ("tiny", "off", False, True)
     assert row["windows"] == 495 and row["windows_timed"] == 3  # 122×101×112 at 3 mm, 4×64×64 windows
     # the preprocessing and the first window, then 494 windows at the mean time of windows 2 and 3
-    assert row["seconds"] == pytest.approx(row["preprocessing_s"] + row["first_batch_s"] + 494 * row["seconds_per_window"])
+    want = row["preprocessing_s"] + row["first_batch_s"] + 494 * row["seconds_per_window"]
+    assert row["seconds"] == pytest.approx(want)
     assert row["seconds_per_window"] > 0 and row["peak_rss_mb"] > 100
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == [row]
     assert "| tiny | off | no | 0.5 | 495 |" in out.with_suffix(".md").read_text()

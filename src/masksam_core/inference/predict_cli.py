@@ -336,5 +336,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="predict cases whose outputs already exist again")
     p.add_argument("--base-checkpoint", metavar="PATH", help="local file with the run's base SAM weights")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network: a slow first window, then faster ones (mostly on GPUs)")
+                   help="torch.compile the network: a slow first window, then faster ones on GPUs "
+                        "(on CPUs it does not pay)")
     p.set_defaults(func=run)

@@ -105,8 +105,8 @@ class Predictor:
             :data:`CPU_QUERY_CHUNK` on the CPU (a ``lite`` window then peaks at 3.0 GiB instead of
             6.9 GiB, at the same speed), all at once elsewhere. The results do not depend on it.
         compile: run the network through ``torch.compile`` (inductor). The first window batch
-            then waits for the compilation (tens of seconds to minutes); later ones can be faster,
-            mostly on GPUs. The results equal the plain network's within float rounding (tested).
+            then waits for the compilation (tens of seconds to minutes); later ones can be faster
+            on GPUs (on the CPU it did not pay: docs/benchmarks.md). The results equal the plain network's within float rounding (tested).
             Needs a C++ compiler on the CPU (Triton on CUDA); a failure is a clear error.
 
     Attributes: ``class_names`` (C names), ``plans`` (the run's plans dict), ``model``,

@@ -142,7 +142,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-workers", type=int, default=2, help="background data-loading processes (default: 2)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute encoder blocks in backward to save memory")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network: a slow first step, then faster ones (mostly on GPUs)")
+                   help="torch.compile the network: a slow first step, then faster ones on GPUs "
+                        "(on CPUs it does not pay)")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("T", "H", "W"), help="override the preset's patch size")
     p.add_argument("--num-queries", type=int, help="override the preset's number of queries")
     p.add_argument("--augmentation", choices=list(AUGMENTATIONS),

@@ -1,11 +1,14 @@
-"""Training metrics: Dice per class and the loss/Dice curves of a run."""
+"""Training metrics: Dice per class, validation by sliding window, and the loss/Dice curves of a run."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
@@ -21,6 +24,47 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.
     sizes = (np.bincount(p, minlength=num_classes)[:num_classes] + np.bincount(t, minlength=num_classes)[:num_classes])
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(sizes > 0, 2 * inter / sizes, np.nan)
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_names: Sequence[str],
+             device: torch.device, amp: torch.dtype | None) -> dict[str, Any]:
+    """Segment each (image (C, Z, Y, X), labels (Z, Y, X)) pair with ``model`` (half-overlapping
+    windows, accumulated on the CPU; a ``gt``-mode model gets its prompts from the labels) and score it.
+
+    Returns ``val_dice`` (foreground class name -> Dice averaged over the volumes holding the class,
+    None where none does) and ``val_mean_dice`` (their mean; 0.0 when no class was present). Leaves
+    ``model`` in eval mode.
+    """
+    from ..inference.sliding_window import run as run_windows
+    from ..inference.sliding_window import sliding_window
+    from ..modeling import gt_prompts, semantic_scores
+
+    model.eval()
+    gt_mode = model.prompt_mode == "gt"
+    c = model.num_classes
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        image = window[:, :-1] if gt_mode else window
+        prompts = gt_prompts(window[:, -1].round().long(), c) if gt_mode else None
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(image, prompts)
+        return semantic_scores(out["pred_logits"], out["pred_masks"])
+
+    dices = []
+    for image, labels in volumes:
+        volume = torch.from_numpy(np.array(image, dtype=np.float32))
+        if gt_mode:
+            volume = torch.cat([volume, torch.from_numpy(np.array(labels, dtype=np.float32))[None]])
+        scores = run_windows(sliding_window(volume, predictor, model.patch_size, device=device,
+                                            accumulate_on="cpu", batch_size=1))
+        dices.append(dice_per_class(scores.argmax(0).numpy(), np.asarray(labels), c))
+    per_class = np.nanmean(np.array(dices, dtype=np.float64), axis=0)
+    result: dict[str, Any] = {
+        "val_dice": {class_names[i]: (None if np.isnan(d) else float(d)) for i, d in enumerate(per_class) if i > 0}}
+    fg = per_class[1:]
+    result["val_mean_dice"] = float(np.nanmean(fg)) if np.isfinite(fg).any() else 0.0
+    return result
 
 
 def write_curves(metrics_path: Path, png_path: Path) -> None:

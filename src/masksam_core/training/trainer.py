@@ -28,12 +28,12 @@ import torch
 from ..data.augment import AUGMENTATIONS
 from ..devices import autocast_dtype, available_devices, compile_errors, reuse_freed_memory
 from ..errors import MaskSAMError
-from ..modeling import build_model, gt_prompts, semantic_scores
+from ..modeling import build_model, gt_prompts
 from ..modeling.presets import get_preset
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .data_setup import prepare_data
-from .metrics import dice_per_class, write_curves
+from .metrics import validate, write_curves
 
 @dataclass
 class TrainConfig:
@@ -327,40 +327,10 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    @torch.no_grad()
     def _validate(self, data: Any, device: torch.device) -> dict[str, Any]:
         """Rank 0 segments the validation volumes (sliding window) while the others wait."""
-        if not dist.is_main():
-            dist.barrier()
-            return {}
-        from ..inference.sliding_window import run as run_windows
-        from ..inference.sliding_window import sliding_window
-
-        self.model.eval()
-        gt_mode = self.model.prompt_mode == "gt"
-        c = self.model.num_classes
-
-        def predictor(window: torch.Tensor) -> torch.Tensor:
-            image = window[:, :-1] if gt_mode else window
-            prompts = gt_prompts(window[:, -1].round().long(), c) if gt_mode else None
-            with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                out = self.model(image, prompts)
-            return semantic_scores(out["pred_logits"], out["pred_masks"])
-
-        dices = []
-        for image, labels in data.val_volumes:
-            volume = torch.from_numpy(np.array(image, dtype=np.float32))
-            if gt_mode:
-                volume = torch.cat([volume, torch.from_numpy(np.array(labels, dtype=np.float32))[None]])
-            scores = run_windows(sliding_window(volume, predictor, self.model.patch_size, device=device,
-                                                accumulate_on="cpu", batch_size=1))
-            dices.append(dice_per_class(scores.argmax(0).numpy(), np.asarray(labels), c))
+        result = validate(self.model, data.val_volumes, data.class_names, device, self.amp) if dist.is_main() else {}
         dist.barrier()
-        per_class = np.nanmean(np.array(dices, dtype=np.float64), axis=0)
-        names = data.class_names
-        result = {"val_dice": {names[i]: (None if np.isnan(d) else float(d)) for i, d in enumerate(per_class) if i > 0}}
-        fg = per_class[1:]
-        result["val_mean_dice"] = float(np.nanmean(fg)) if np.isfinite(fg).any() else 0.0
         return result
 
     def _save(self, data: Any, epoch: int, iteration: int, best: float, *, improved: bool = False,
