@@ -28,6 +28,7 @@ from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time
+import torch
 from masksam_core.inference.predictor import Predictor
 from masksam_core.io import read_image
 run, image, tta, device = sys.argv[1], sys.argv[2], sys.argv[3] == "on", sys.argv[4]
@@ -58,7 +59,8 @@ if estimate:
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"seconds": seconds, "preprocessing_s": prep, "windows": total, "windows_timed": done,
                   "seconds_per_window": per_window, "first_batch_s": first, "compiled": compile, "estimate": estimate,
-                  "peak_rss_mb": peak_mb, "threads": __import__("torch").get_num_threads()}))
+                  "precision": str(predictor.amp or torch.float32).removeprefix("torch."),
+                  "peak_rss_mb": peak_mb, "threads": torch.get_num_threads()}))
 """
 
 
@@ -111,10 +113,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     lines = [f"Machine: {machine['processor']}, {machine['cpus']} threads, torch {machine['torch']}, "
              f"device {args.device}.", "",
-             "| preset | TTA | compiled | step | windows | first batch (s) | seconds per window | whole CT (s) "
-             "| peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['preset']} | {r['tta']} | {'yes' if r['compiled'] else 'no'} | {r['step_size']} | {r['windows']} | "
+             "| preset | TTA | precision | compiled | step | windows | first batch (s) | seconds per window "
+             "| whole CT (s) | peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['preset']} | {r['tta']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | {r['step_size']} | "
+              f"{r['windows']} | "
               f"{r['first_batch_s']:.1f} | {r['seconds_per_window']:.2f} | "
               f"{r['seconds']:.1f}{' (estimate from %d windows)' % r['windows_timed'] if r['estimate'] else ''} | "
               f"{r['peak_rss_mb']:.0f} |" for r in rows]

@@ -131,9 +131,9 @@ def test_tiny_run_tta_on_and_off_both_run(tiny_run, monkeypatch):
 
 
 def test_query_chunk_defaults_per_device_and_does_not_change_results(tiny_run):
-    cpu = Predictor(tiny_run, device="cpu")
+    cpu = Predictor(tiny_run, device="cpu", amp="off")
     assert cpu.query_chunk == CPU_QUERY_CHUNK
-    whole = Predictor(tiny_run, device="cpu", query_chunk=None)
+    whole = Predictor(tiny_run, device="cpu", amp="off", query_chunk=None)
     assert whole.query_chunk is None
     volume = np.random.default_rng(1).normal(300, 100, (2, 40, 36)).astype(np.float32)
     a = cpu.predict(volume, (5.0, 1.0, 1.0), tta=False, return_probabilities=True)
@@ -146,8 +146,8 @@ def test_query_chunk_defaults_per_device_and_does_not_change_results(tiny_run):
 
 def test_compiled_network_gives_the_plain_networks_scores(tiny_run):
     """torch.compile (inductor, C++ on the CPU) against the plain network on the same windows."""
-    plain = Predictor(tiny_run, device="cpu")
-    compiled = Predictor(tiny_run, device="cpu", compile=True)
+    plain = Predictor(tiny_run, device="cpu", amp="off")  # fp32: the 1e-4 bound
+    compiled = Predictor(tiny_run, device="cpu", amp="off", compile=True)
     assert compiled.compiled and not plain.compiled
     # one window per call, as predict() below makes them: a second batch size would compile again
     batch = torch.randn(1, 1, *plain.patch_size, generator=torch.Generator().manual_seed(0))
@@ -159,6 +159,33 @@ def test_compiled_network_gives_the_plain_networks_scores(tiny_run):
     a = plain.predict(volume, (5.0, 1.0, 1.0), tta=False, return_probabilities=True)
     b = compiled.predict(volume, (5.0, 1.0, 1.0), tta=False, return_probabilities=True)
     np.testing.assert_allclose(b.probabilities, a.probabilities, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_on_the_cpu_stays_close_to_fp32(tiny_run):
+    """--amp bf16 (faster on CPUs with native bf16): probabilities within the bf16 bound, same labels almost everywhere."""
+    plain = Predictor(tiny_run, device="cpu", amp="off")
+    assert plain.amp is None
+    half = Predictor(tiny_run, device="cpu", amp="bf16")
+    assert half.amp == torch.bfloat16
+    volume = np.random.default_rng(3).normal(300, 100, (4, 40, 36)).astype(np.float32)
+    a = plain.predict(volume, (5.0, 1.0, 1.0), tta=False, return_probabilities=True)
+    b = half.predict(volume, (5.0, 1.0, 1.0), tta=False, return_probabilities=True)
+    pa, pb = a.probabilities.astype(np.float64), b.probabilities.astype(np.float64)
+    assert np.linalg.norm(pb - pa) / np.linalg.norm(pa) < 2e-2
+    assert (a.labels == b.labels).mean() > 0.95
+    with pytest.raises(MaskSAMError, match="unknown mixed-precision setting 'fp8'.*auto, bf16, fp16, off"):
+        Predictor(tiny_run, device="cpu", amp="fp8")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_on_cpus_with_native_bf16_only(tiny_run, monkeypatch, native):
+    from masksam_core import devices
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+    assert Predictor(tiny_run, device="cpu").amp == (torch.bfloat16 if native else None)
+    assert Predictor(tiny_run, device="cpu", amp="off").amp is None
+    # training keeps fp32 on any CPU under auto
+    assert devices.autocast_dtype(torch.device("cpu"), "auto") is None
 
 
 def test_a_compile_failure_is_a_clear_error(tiny_run):
@@ -360,6 +387,24 @@ def test_cli_compile_flag_compiles_the_network(fake_run, tmp_path, monkeypatch):
     assert compiled == []
     assert main([*args, "-o", str(tmp_path / "compiled"), "--compile"]) == 0
     assert compiled == [fake_run] and fake_run.calls > 0
+
+
+def test_cli_amp_reaches_the_predictor(fake_run, tmp_path, monkeypatch):
+    from masksam_core.inference import predictor as predictor_module
+
+    seen = []
+    real_init = predictor_module.Predictor.__init__
+
+    def init(self, *args, **kwargs):
+        seen.append(kwargs.get("amp"))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(predictor_module.Predictor, "__init__", init)
+    write_cases(tmp_path / "in", 1)
+    assert main(["predict", "-i", str(tmp_path / "in"), "-m", "x", "--no-tta", "-o", str(tmp_path / "a")]) == 0
+    assert main(["predict", "-i", str(tmp_path / "in"), "-m", "x", "--no-tta", "-o", str(tmp_path / "b"),
+                 "--amp", "bf16"]) == 0
+    assert seen == ["auto", "bf16"]
 
 
 def test_cli_reports_a_corrupt_file_and_finishes_the_others(fake_run, tmp_path, capsys):

@@ -136,7 +136,8 @@ def _dice_table(scores: dict[int, dict[str, Any]], class_names: list[str]) -> tu
 
 def demo_iter(out: str | os.PathLike, *, model: str | os.PathLike = DEMO_MODEL, device: str = "auto",
               tta: bool = False, step_size: float = 1.0, overwrite: bool = False,
-              base_checkpoint: str | os.PathLike | None = None) -> Generator[Any, None, dict[str, Any]]:
+              base_checkpoint: str | os.PathLike | None = None,
+              amp: str = "auto") -> Generator[Any, None, dict[str, Any]]:
     """Run the demo, yielding the prediction's progress; returns ``{'outputs': {...}, 'dice': {...}, ...}``."""
     from .evaluation import case_scores
     from .inference.predictor import Predictor
@@ -151,7 +152,7 @@ def demo_iter(out: str | os.PathLike, *, model: str | os.PathLike = DEMO_MODEL, 
     image_path, labels_path = sample_paths()
     image, geometry = read_image(image_path)
     truth, _ = read_image(labels_path)
-    predictor = Predictor(model, device=device, base_checkpoint=base_checkpoint)
+    predictor = Predictor(model, device=device, base_checkpoint=base_checkpoint, amp=amp)
     prediction = yield from predictor.predict_iter(image, geometry.spacing, tta=tta, step_size=step_size)
     names = list(prediction.class_names)
     write_labels(out / OUTPUTS[0], prediction.labels, geometry, class_names=dict(enumerate(names)), overwrite=True)
@@ -185,7 +186,7 @@ def _cli_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     gen = demo_iter(args.out, model=args.model, device=args.device, tta=args.tta, step_size=args.step_size,
-                    overwrite=args.overwrite, base_checkpoint=args.base_checkpoint)
+                    overwrite=args.overwrite, base_checkpoint=args.base_checkpoint, amp=args.amp)
     with tqdm(desc="demo: segmenting the sample CT", unit="window", dynamic_ncols=True) as bar:
         while True:
             try:
@@ -203,7 +204,7 @@ def _cli_demo(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    from .devices import DEVICE_CHOICES
+    from .devices import AMP_CHOICES, AMP_HELP, DEVICE_CHOICES
 
     p = sub.add_parser("demo", help="segment the bundled sample CT with the bundled model (labels, montage, Dice)",
                        description="Segment the bundled sample abdominal CT with the bundled model and write the "
@@ -212,6 +213,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEMO_MODEL, help=f"bundled model name, run folder or model file "
                                                        f"(default: {DEMO_MODEL})")
     p.add_argument("--device", default="auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N (default: auto)")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=AMP_HELP + " (default: auto)")
     p.add_argument("--tta", action="store_true", help="average the 8 mirrored passes (8x slower)")
     p.add_argument("--step-size", type=float, default=1.0,
                    help="window step as a fraction of the patch (default: 1.0, windows side by side; 0.5 = "

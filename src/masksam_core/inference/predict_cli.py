@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..devices import DEVICE_CHOICES
+from ..devices import AMP_CHOICES, AMP_HELP, DEVICE_CHOICES
 from ..errors import MaskSAMError
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -292,7 +292,8 @@ def run(args: argparse.Namespace) -> int:
 
         if torch.cuda.is_available():
             device = f"cuda:{local % torch.cuda.device_count()}"
-    predictor = Predictor(args.model, device=device, base_checkpoint=args.base_checkpoint, compile=args.compile)
+    predictor = Predictor(args.model, device=device, base_checkpoint=args.base_checkpoint, amp=args.amp,
+                          compile=args.compile)
     failed = done = 0
     for case in todo:
         start = time.perf_counter()
@@ -335,6 +336,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="also write {case}.npz with per-class probabilities (float16)")
     p.add_argument("--overwrite", action="store_true", help="predict cases whose outputs already exist again")
     p.add_argument("--base-checkpoint", metavar="PATH", help="local file with the run's base SAM weights")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=AMP_HELP + " (default: auto)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network: a slow first window, then faster ones on GPUs "
                         "(on CPUs it does not pay)")

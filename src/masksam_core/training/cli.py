@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import Any
 
-from ..devices import DEVICE_CHOICES
+from ..devices import AMP_CHOICES, DEVICE_CHOICES
 from ..modeling.presets import PRESETS
 
 # always it/s (tqdm's default switches to s/it below 1 it/s), then loss and lr from the postfix
@@ -123,7 +123,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="initial learning rate of AdamW (default: 1e-3)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.01)")
     p.add_argument("--device", default="auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N (default: auto)")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="mixed precision (default: auto = bf16 on CUDA, off elsewhere)")
     p.add_argument("--prompt-mode", choices=["auto", "gt"],
                    help="auto: learned prompt generator (MaskSAM); gt: prompts from the labels (box-prompt "
