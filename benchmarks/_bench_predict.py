@@ -172,7 +172,9 @@ def masksam_item(predictors: Predictors, preset: str, volume: np.ndarray, *, tta
     total_s = time.perf_counter() - start
     assert prediction.labels.shape == volume.shape
     row = _row(patch, volume.shape, tta, device, total_s, preprocess_s, windows_s, baseline)
-    return {**row, "predictor_load_s": load_s, "compiled": predictor.compiled, "first_call_s": first_call_s}
+    precision = str(predictor.amp or torch.float32).removeprefix("torch.")  # what auto chose on this device
+    return {**row, "predictor_load_s": load_s, "compiled": predictor.compiled, "first_call_s": first_call_s,
+            "precision": precision}
 
 
 def nnunet_item(plan: Any, volume: np.ndarray, spacing: tuple[float, float, float], device: torch.device,

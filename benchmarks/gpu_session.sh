@@ -11,16 +11,18 @@
 # limit, writing logs and results under OUT (a step that fails is logged and the next one runs):
 #
 #   checks    pytest tests/test_cuda.py and the other CUDA tests: compiled and bf16 paths against the
-#             plain ones on the GPU (about 2 min, most of it compiling)
-#   encoder   benchmarks/run.py --parts encoder, eager, then with --compile (about 4 min)
+#             plain ones on the GPU (at most 2.5 min, most of it compiling)
+#   encoder   benchmarks/run.py --parts encoder, eager, then with --compile for vit_b, vit_h and lite
+#             (at most 6.5 min; results are written after every item, so a step cut short keeps its rows)
 #   predict   benchmarks/run.py --parts predict: synapse, acdc, amos, lite without TTA next to nnU-Net,
-#             then synapse and lite with --compile (about 5 min)
-#   train     masksam-core train of the lite preset on the sample CT (EPOCHS x 100 iterations,
-#             default 8, with a 7-minute time limit), export to OUT/abdomen-ct-lite.pt, the demo on
-#             the GPU with it (labels, montage, Dice table) (about 8 min)
+#             then synapse and lite with --compile (at most 7 min)
+#   train     masksam-core train of the lite preset on the sample CT (EPOCHS epochs of 100 iterations,
+#             default 7, about 45 s each on an H200; TIME_LIMIT minutes at most, default 6), export to
+#             OUT/abdomen-ct-lite.pt, the demo on the GPU with it (labels, montage, Dice table)
+#             (at most 9.5 min)
 #
-# Each device call may run 10 minutes at most: give `checks encoder` to one call, `predict` or `train`
-# to another. Environment: EPOCHS (train), TIME_LIMIT (train, minutes).
+# One device call runs 10 minutes at most and a lease has about 15 minutes in all, machine start
+# included: one lease fits `train` plus `checks`, or `checks encoder`, or `predict`.
 set -uo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -64,14 +66,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 }
 
 run_checks() {
-    step checks 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_criterion.py \
+    step checks 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_criterion.py \
         -k "cuda" -o addopts= -o filterwarnings= --junitxml="$OUT/checks.xml"
 }
 
 run_encoder() {
-    step encoder_eager 150 python3 benchmarks/run.py --device cuda --parts encoder --out "$OUT" --tag encoder_eager
-    step encoder_compiled 240 python3 benchmarks/run.py --device cuda --parts encoder --compile --out "$OUT" \
-        --tag encoder_compiled
+    step encoder_eager 120 python3 benchmarks/run.py --device cuda --parts encoder --out "$OUT" --tag encoder_eager
+    step encoder_compiled 270 python3 benchmarks/run.py --device cuda --parts encoder --compile --out "$OUT" \
+        --backbones vit_b vit_h lite --tag encoder_compiled
 }
 
 run_predict() {
@@ -82,13 +84,13 @@ run_predict() {
 }
 
 run_train() {
-    local epochs=${EPOCHS:-8} run="$OUT/abdomen_ct_lite"
-    step train $(((${TIME_LIMIT:-7} + 1) * 60)) python3 -m masksam_core train "$GPU_DIR/Dataset501_AbdomenCT" \
+    local epochs=${EPOCHS:-7} run="$OUT/abdomen_ct_lite"
+    step train $(((${TIME_LIMIT:-6} + 1) * 60)) python3 -m masksam_core train "$GPU_DIR/Dataset501_AbdomenCT" \
         --preset lite --out "$run" --epochs "$epochs" --iters-per-epoch 100 --val-every 1 \
-        --augmentation no-mirror --num-workers 10 --seed 0 --device cuda --time-limit "${TIME_LIMIT:-7}"
+        --augmentation no-mirror --num-workers 10 --seed 0 --device cuda --time-limit "${TIME_LIMIT:-6}"
     cp "$run/metrics.jsonl" "$run/curves.png" "$OUT/" 2>/dev/null
     step export 60 python3 -m masksam_core export "$run" -o "$OUT/abdomen-ct-lite.pt" || return 1
-    step demo 120 python3 -m masksam_core demo --out "$OUT/demo" --device cuda --model "$OUT/abdomen-ct-lite.pt"
+    step demo 90 python3 -m masksam_core demo --out "$OUT/demo" --device cuda --model "$OUT/abdomen-ct-lite.pt"
     rm -f "$run"/checkpoint_*.pt  # the exported file is what comes back
 }
 
@@ -112,7 +114,7 @@ case "${1:-}" in
         exit $failed
         ;;
     *)
-        sed -n '2,24p' "$0"
+        sed -n '2,25p' "$0"
         exit 2
         ;;
 esac

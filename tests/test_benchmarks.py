@@ -49,6 +49,7 @@ def test_suite_smoke(bench, tmp_path):
         assert 0 < row["windows_s"] <= row["seconds"]
         assert row["peak_memory_gib"] > 0
     assert rows[("masksam_tiny", False)]["patch_size"] == [4, 64, 64]
+    assert rows[("masksam_tiny", False)]["precision"] in ("float32", "bfloat16")  # Predictor's auto on this CPU
     assert on_disk["nnunet_plan"]["patch_size"] == [4, 32, 32]  # planned for this volume
 
     (train,) = on_disk["train"]
@@ -177,3 +178,16 @@ def test_predict_cpu_estimates_the_whole_ct_from_its_first_windows(bench, shared
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == [row]
     assert row["precision"] in ("float32", "bfloat16")  # the Predictor's choice on this CPU
     assert f"| tiny | off | {row['precision']} | no | 0.5 | 495 |" in out.with_suffix(".md").read_text()
+
+
+def test_gpu_session_script_is_valid_bash_and_explains_itself():
+    import subprocess
+
+    script = REPO_ROOT / "benchmarks" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2
+    for word in ("prepare", "run OUT STEP", "checks", "encoder", "predict", "train", "TIME_LIMIT"):
+        assert word in usage.stdout, word
+    wrong = subprocess.run(["bash", str(script), "run"], capture_output=True, text=True)
+    assert wrong.returncode != 0 and "usage" in wrong.stderr
