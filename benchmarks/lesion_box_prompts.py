@@ -7,7 +7,7 @@ of the per-slice Dice scores, their range, and the 3D Dice of the stacked slice 
 whole lesion label. Writes JSON and a markdown table.
 
     python benchmarks/lesion_box_prompts.py [--data ../shared/data] [--model lite] [--device cpu]
-        [--out benchmarks/results/lesion_box_prompts]
+        [--amp auto|bf16|off] [--out benchmarks/results/lesion_box_prompts]
 """
 
 from __future__ import annotations
@@ -80,10 +80,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--model", default="lite")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                        help="BoxPrompter's precision (auto: bf16 on GPUs and on CPUs with native bf16)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "lesion_box_prompts")
     args = parser.parse_args()
     root = args.data / "Dataset503_Lesions"
-    prompter = BoxPrompter(args.model, device=args.device)
+    prompter = BoxPrompter(args.model, device=args.device, amp=args.amp)
     cases = []
     for label_path in sorted((root / "labelsTr").glob("*.nii.gz")):
         image_path = root / "imagesTr" / label_path.name.replace(".nii.gz", "_0000.nii.gz")
@@ -95,6 +97,7 @@ def main() -> None:
     results = {
         "protocol": f"per slice with lesion: lesion bounding box + {MARGIN} px, one box per slice; zero-shot",
         "model": args.model, "device": args.device, "torch_threads": torch.get_num_threads(),
+        "precision": str(prompter.amp or torch.float32).removeprefix("torch."),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "summary": {"slices": len(scores), "mean_slice_dice_pooled": float(np.mean(scores)),
                     "mean_of_case_means": float(np.mean([c["mean_slice_dice"] for c in cases])),

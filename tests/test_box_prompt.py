@@ -258,6 +258,30 @@ def test_cli_gt_run_end_to_end_and_errors(tmp_path, capsys):
     assert "unknown model 'sam2'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_follows_the_amp_setting(monkeypatch, native):
+    from masksam_core import devices
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+    backbone = build_backbone("tiny")
+    assert BoxPrompter(backbone, device="cpu").amp == (torch.bfloat16 if native else None)
+    plain = BoxPrompter(backbone, device="cpu", amp="off")
+    half = BoxPrompter(backbone, device="cpu", amp="bf16")
+    assert plain.amp is None and half.amp == torch.bfloat16
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[[4.0, 6.0, 30.0, 40.0]], [[10.0, 2.0, 60.0, 20.0]]])
+    want, got = plain.predict_slices(images, boxes), half.predict_slices(images, boxes)
+    assert got.dtype == torch.float32
+    assert (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want)).item() < 3e-2
+
+
+def test_cli_amp_is_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["prompt", "-i", "x.nii.gz", "-o", str(tmp_path / "y.nii.gz"), "--box", "0", "1", "0", "0", "2", "2",
+              "--amp", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- LiteMedSAM on real scans
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..devices import DEVICE_CHOICES, autocast_dtype, select_device
+from ..devices import AMP_CHOICES, AMP_HELP, DEVICE_CHOICES, autocast_dtype, select_device
 from ..errors import MaskSAMError
 from ..modeling.backbone import SamBackbone
 from .sliding_window import Progress, run as run_generator, sliding_window
@@ -154,12 +154,14 @@ class BoxPrompter:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         checkpoint: zero-shot: a local file with the base weights (skips the download); run: the
             base weights the run was trained on (``--base-checkpoint`` at training).
+        amp: autocast dtype, as :class:`Predictor`'s: ``auto`` (bf16 on CUDA and on CPUs with native
+            bf16, fp32 elsewhere), ``bf16``, ``fp16`` or ``off``.
     """
 
     def __init__(self, model: str | os.PathLike | SamBackbone = "lite", *, device: str = "auto",
-                 checkpoint: str | os.PathLike | None = None, progress: bool = True) -> None:
+                 checkpoint: str | os.PathLike | None = None, progress: bool = True, amp: str = "auto") -> None:
         self.device = select_device(device)
-        self.amp = autocast_dtype(self.device)
+        self.amp = autocast_dtype(self.device, amp, cpu_bf16=True)
         self.sam: SamBackbone | None = None
         self.run_model: torch.nn.Module | None = None
         self.plans: dict | None = None
@@ -297,7 +299,7 @@ def _cli(args: argparse.Namespace) -> int:
                            "trained with --prompt-mode gt")
     volume, geometry = read_image(args.input)
     boxes = check_boxes(args.box, volume.shape)
-    prompter = BoxPrompter(model, device=args.device, checkpoint=args.checkpoint)
+    prompter = BoxPrompter(model, device=args.device, checkpoint=args.checkpoint, amp=args.amp)
     unit = "slice" if prompter.mode == "zero-shot" else "window"
     with tqdm(desc=f"{Path(args.input).name} ({len(boxes)} box{'es' if len(boxes) > 1 else ''})", unit=unit,
               dynamic_ncols=True) as bar:
@@ -324,6 +326,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="lite", help=f"{' | '.join(BASE_MODELS)} (zero-shot) or RUN_DIR of a gt-mode "
                    "run (default: lite)")
     p.add_argument("--device", default="auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N (default: auto)")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=AMP_HELP + " (default: auto)")
     p.add_argument("--checkpoint", metavar="PATH", help="local base weights file (skips the download)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cli)
