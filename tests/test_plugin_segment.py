@@ -94,6 +94,22 @@ def crop_layer(viewer, ct, z=(50, 53), y=(40, 52), x=(40, 52), name="ct crop"):
     return viewer.add_image(crop, **kwargs)
 
 
+def test_mirroring_is_on_by_default_on_a_gpu_and_off_on_the_cpu(make_napari_viewer, monkeypatch):
+    from napari_masksam import _segment_widget
+
+    monkeypatch.setattr(_segment_widget, "available_devices", lambda: ["cuda", "cpu"])
+    widget = make_widget(make_napari_viewer())
+    assert widget.device.value == "auto" and widget.tta.value is True  # auto = the GPU
+    widget.device.value = "cpu"
+    assert widget.tta.value is False
+    widget.tta.value = True  # the user's choice stands until the device changes
+    assert widget.tta.value is True
+    widget.device.value = "cuda"
+    assert widget.tta.value is True
+    monkeypatch.setattr(_segment_widget, "available_devices", lambda: ["cpu"])
+    assert make_widget(make_napari_viewer()).tta.value is False
+
+
 def make_widget(viewer):
     """The widget as napari makes it from the plugin's manifest (it gets a public-only proxy of the viewer)."""
     _, widget = viewer.window.add_plugin_dock_widget("napari-masksam", "Segment (MaskSAM)")
@@ -225,7 +241,7 @@ def test_model_list_bundled_runs_and_browse(make_napari_viewer, tmp_path, tiny_r
     widget = make_widget(make_napari_viewer())
     assert widget.model.value == "/models/abdomen"
     assert widget.device.choices[0] == "auto" and widget.device.choices[1:] == tuple(device_choices()[1:])
-    assert widget.tta.value is True and widget.step_size.value == 0.5
+    assert widget.tta.value is (device_choices()[1] != "cpu") and widget.step_size.value == 0.5
     widget.model.browse.value = tmp_path  # not a run: ignored
     assert len(_models.known_runs()) == 1
     widget.model.browse.value = tiny_run  # as chosen in the Browse... dialog
