@@ -37,8 +37,10 @@ def synthetic_batch(batch_size: int, patch: tuple[int, int, int], num_classes: i
     return {"image": image, "labels": labels}
 
 
-def make_trainer(preset: str, device: torch.device, amp_mode: str = "auto") -> Any:
-    """A Trainer holding what ``Trainer._build`` creates, for a random model of ``preset`` on ``device``."""
+def make_trainer(preset: str, device: torch.device, amp_mode: str = "auto", *,
+                 grad_checkpointing: bool = False) -> Any:
+    """A Trainer holding what ``Trainer._build`` creates, for a random model of ``preset`` on ``device``
+    (``grad_checkpointing``: as ``masksam-core train --grad-checkpointing``)."""
     from masksam_core.devices import autocast_dtype
     from masksam_core.modeling import build_model
     from masksam_core.modeling.presets import get_preset
@@ -51,6 +53,8 @@ def make_trainer(preset: str, device: torch.device, amp_mode: str = "auto") -> A
     torch.manual_seed(0)
     with torch.device(device):  # random initialisation on the device itself
         trainer.model = build_model(preset, pretrained=False).to(device)
+    if grad_checkpointing and hasattr(trainer.model.encoder_adapters, "grad_checkpointing"):  # ViT backbones
+        trainer.model.encoder_adapters.grad_checkpointing = True
     trainer.net = trainer.model
     trainer.params = [q for q in trainer.model.parameters() if q.requires_grad]
     trainer.optimizer = torch.optim.AdamW(trainer.params, lr=NEW_RUN_DEFAULTS["lr"], eps=1e-4,
@@ -63,13 +67,14 @@ def make_trainer(preset: str, device: torch.device, amp_mode: str = "auto") -> A
     return trainer
 
 
-def train_item(preset: str, batch_size: int, device: torch.device, *, warmup: int, repeats: int) -> dict[str, Any]:
+def train_item(preset: str, batch_size: int, device: torch.device, *, warmup: int, repeats: int,
+               grad_checkpointing: bool = False) -> dict[str, Any]:
     """Seconds per training step (median of ``repeats`` after ``warmup``) and the peak memory of the
     timed steps (after warm-up, so the optimiser state is already allocated and counted)."""
     from masksam_core.modeling.presets import get_preset
 
     p = get_preset(preset)
-    trainer = make_trainer(preset, device)
+    trainer = make_trainer(preset, device, grad_checkpointing=grad_checkpointing)
     batch = synthetic_batch(batch_size, p.patch_size, p.num_classes)
     trainer.net.train()
     losses: dict[str, float] = {}
@@ -90,4 +95,5 @@ def train_item(preset: str, batch_size: int, device: torch.device, *, warmup: in
         "memory_kind": kind,
         "trainable_params_m": trainable / 1e6, "amp": str(trainer.amp).replace("torch.", "") if trainer.amp else "off",
         "loss": losses.get("loss"),
+        "grad_checkpointing": bool(getattr(trainer.model.encoder_adapters, "grad_checkpointing", False)),
     }

@@ -16,13 +16,16 @@
 #             (at most 6.5 min; results are written after every item, so a step cut short keeps its rows)
 #   predict   benchmarks/run.py --parts predict: synapse, acdc, amos, lite without TTA next to nnU-Net,
 #             then synapse and lite with --compile (at most 7 min)
+#   memory    benchmarks/run.py --parts train for acdc, synapse and amos with --grad-checkpointing:
+#             training step time and peak memory against the 24/48 GiB targets (at most 3 min)
 #   train     masksam-core train of the lite preset on the sample CT (EPOCHS epochs of 100 iterations,
 #             default 7, about 45 s each on an H200; TIME_LIMIT minutes at most, default 6), export to
 #             OUT/abdomen-ct-lite.pt, the demo on the GPU with it (labels, montage, Dice table)
 #             (at most 9.5 min)
 #
 # One device call runs 10 minutes at most and a lease has about 15 minutes in all, machine start
-# included: one lease fits `train` plus `checks`, or `checks encoder`, or `predict`.
+# included (about 12 minutes of steps): for example `train`, then `checks`; or `memory predict`
+# (one call); or `checks encoder` (one call).
 set -uo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -83,6 +86,11 @@ run_predict() {
         --presets synapse lite --no-tta --compile --out "$OUT" --tag predict_compiled
 }
 
+run_memory() {
+    step memory 180 python3 benchmarks/run.py --device cuda --parts train --presets acdc synapse amos \
+        --grad-checkpointing --warmup 1 --repeats 3 --out "$OUT" --tag train_gc
+}
+
 run_train() {
     local epochs=${EPOCHS:-7} run="$OUT/abdomen_ct_lite"
     step train $(((${TIME_LIMIT:-6} + 1) * 60)) python3 -m masksam_core train "$GPU_DIR/Dataset501_AbdomenCT" \
@@ -107,14 +115,14 @@ case "${1:-}" in
         failed=0
         for name in "$@"; do
             case "$name" in
-                checks | encoder | predict | train) "run_$name" || failed=1 ;;
-                *) echo "error: unknown step $name (checks, encoder, predict, train)" >&2; failed=1 ;;
+                checks | encoder | predict | memory | train) "run_$name" || failed=1 ;;
+                *) echo "error: unknown step $name (checks, encoder, predict, memory, train)" >&2; failed=1 ;;
             esac
         done
         exit $failed
         ;;
     *)
-        sed -n '2,25p' "$0"
+        sed -n '2,28p' "$0"
         exit 2
         ;;
 esac

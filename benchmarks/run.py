@@ -24,7 +24,9 @@ Parts (``--parts encoder,predict,train``):
 3. **train**: seconds per training step and peak memory of each preset at batch size 2 (``Trainer``'s
    own forward, criterion, backward and optimiser step: ``_bench_train``). GPU memory is
    ``torch.cuda.max_memory_allocated``; CPU memory is the process's peak resident set (VmHWM, reset
-   per item through ``/proc/self/clear_refs``).
+   per item through ``/proc/self/clear_refs``). ``--grad-checkpointing`` recomputes the ViT encoder
+   blocks in the backward pass, as ``masksam-core train --grad-checkpointing`` does (the row's
+   ``grad_checkpointing`` says whether the backbone supports it: LiteMedSAM's TinyViT does not).
 
 Windows per 128×512×512 volume (×8 network passes with TTA): nnU-Net 125 (48×192×192), acdc 567
 (4×256×256, ViT-B at 1024²), synapse 81 (26×256×256), amos 28 (9×512×512), lite 567 (4×256×256),
@@ -102,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip a model's TTA run when 8× its run without TTA would take longer")
     parser.add_argument("--window-batch", type=int, default=1, help="windows per network call (Predictor: 1)")
     parser.add_argument("--train-batch", type=int, default=2)
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="train part: recompute the encoder blocks in backward (masksam-core train's flag)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (GPU 3, CPU 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (GPU 10, CPU 3)")
     parser.add_argument("--matmul-size", type=int, default=None, help="side of the reference matmul")
@@ -139,6 +143,7 @@ def resolve(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "tta": [False] if args.no_tta else [False, True], "nnunet": not args.no_nnunet, "tta_limit": args.tta_limit,
         "amp": args.amp, "compile": args.compile,
         "window_batch": args.window_batch, "train_batch": args.train_batch,
+        "grad_checkpointing": args.grad_checkpointing,
         "warmup": pick("warmup", 3 if gpu else 1), "repeats": pick("repeats", 10 if gpu else 3),
         "matmul_size": pick("matmul_size", 8192 if gpu else 2048),
     }
@@ -299,7 +304,7 @@ class Suite:
         for preset in s["presets"]:
             row: dict[str, Any] = {"preset": preset}
             guarded(row, self.device, train_item, preset, s["train_batch"], self.device,
-                    warmup=s["warmup"], repeats=s["repeats"])
+                    warmup=s["warmup"], repeats=s["repeats"], grad_checkpointing=s["grad_checkpointing"])
             self.results["train"].append(row)
             self.log(row, f"train {preset} {row.get('seconds_per_step', float('nan')):.2f} s/step")
 

@@ -191,3 +191,16 @@ def test_gpu_session_script_is_valid_bash_and_explains_itself():
         assert word in usage.stdout, word
     wrong = subprocess.run(["bash", str(script), "run"], capture_output=True, text=True)
     assert wrong.returncode != 0 and "usage" in wrong.stderr
+
+
+def test_grad_checkpointing_cuts_nothing_but_memory(bench, tmp_path):
+    """The train part with --grad-checkpointing: the same training (losses after the same steps), the flag recorded."""
+    common = ["--device", "cpu", "--parts", "train", "--presets", "tiny", "--warmup", "1", "--repeats", "2",
+              "--threads", "1", "--out", str(tmp_path)]
+    plain = bench.main([*common, "--tag", "plain"])["train"][0]
+    recomputed = bench.main([*common, "--tag", "gc", "--grad-checkpointing"])["train"][0]
+    assert plain["status"] == recomputed["status"] == "ok"
+    assert plain["grad_checkpointing"] is False and recomputed["grad_checkpointing"] is True
+    assert recomputed["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    md = (tmp_path / "suite_cpu_gc.md").read_text()
+    assert "encoder blocks recomputed in backward (--grad-checkpointing)" in md
