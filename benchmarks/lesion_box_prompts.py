@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from masksam_core.devices import AMP_CHOICES
 from masksam_core.inference.box_prompt import BoxPrompter
 from masksam_core.io import read_image
 
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--model", default="lite")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                         help="BoxPrompter's precision (auto: bf16 on GPUs and on CPUs with native bf16)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "lesion_box_prompts")
     args = parser.parse_args()

@@ -108,8 +108,9 @@ class Predictor:
             6.9 GiB, at the same speed), all at once elsewhere. The results do not depend on it.
         compile: run the network through ``torch.compile`` (inductor). The first window batch
             then waits for the compilation (tens of seconds to minutes); later ones can be faster
-            on GPUs (on the CPU it did not pay: docs/benchmarks.md). The results equal the plain network's within float rounding (tested).
-            Needs a C++ compiler on the CPU (Triton on CUDA); a failure is a clear error.
+            on GPUs (on the CPU it did not pay: docs/benchmarks.md). The results equal the plain
+            network's within float rounding (tested). Needs a C++ compiler on the CPU (Triton on
+            CUDA); a failure is a clear error.
 
     Attributes: ``class_names`` (C names), ``plans`` (the run's plans dict), ``model``,
     ``device``, ``patch_size`` (T, H, W), ``in_channels``.
