@@ -175,9 +175,9 @@ def test_adapted_decoder_with_adapters_off_equals_sam_decoder():
     boxes = torch.tensor([[[4.0, 6.0, 40.0, 50.0], [10.0, 10.0, 20.0, 30.0]]]).repeat(2, 1, 1)
     with torch.no_grad():
         ref = model.zero_shot(images, boxes)
-        emb = sam.image_encoder(images).repeat_interleave(2, dim=0)
+        emb = sam.image_encoder(images)  # one per image, shared by its 2 boxes (B=2, Q=2, T=1)
         sparse, dense = sam.prompt_encoder(points=None, boxes=boxes.reshape(4, 4), masks=None)
-        pe = sam.prompt_encoder.get_dense_pe().expand(4, -1, -1, -1)
+        pe = sam.prompt_encoder.get_dense_pe()
         ours, logits = model.decoder_adapters(
             sam.mask_decoder, emb, pe, sparse, dense, None, 1, enabled=False, with_classifier=False
         )
@@ -374,3 +374,92 @@ def test_final_conv_channel_last_path_equals_the_plain_convolutions():
     (ref ** 2).mean().backward()
     for got, want in zip(grads, [p.grad for p in head.parameters()] + [x2.grad]):
         assert _rel_err(got, want) < 1e-4
+
+
+def _plain_decoder(adapters, decoder, emb, pe, sparse, dense, cls_tokens, depth):
+    """The 3D decoder written out plainly, as a reference: slice embeddings and positional encodings
+    copied per prompt, image tokens summed with the PE before each attention, and SAM's own
+    ``output_upscaling`` and hypernetwork product for all four mask tokens."""
+    n, (bt, c, h, w) = sparse.shape[0], emb.shape
+    b, q = bt // depth, n // bt
+    emb = emb.reshape(b, 1, depth, c, h, w).expand(b, q, depth, c, h, w).reshape(n, c, h, w)
+    pe = pe.expand(depth, c, h, w).unsqueeze(0).expand(b * q, depth, c, h, w).reshape(n, c, h, w)
+    tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat([tokens.unsqueeze(0).expand(n, -1, -1), sparse,
+                        adapters.cls_token.expand(n, -1, -1) + cls_tokens.unsqueeze(1)], dim=1)
+    keys = (emb + dense).flatten(2).transpose(1, 2)
+    key_pe = pe.flatten(2).transpose(1, 2)
+    queries = tokens
+    for i, layer in enumerate(decoder.transformer.layers):
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(q=queries, k=queries, v=queries)
+        else:
+            queries = queries + layer.self_attn(q=queries + tokens, k=queries + tokens, v=queries)
+        queries = layer.norm1(queries + adapters.self_attn_adapters[i](queries, depth))
+        queries = queries + layer.cross_attn_token_to_image(q=queries + tokens, k=keys + key_pe, v=keys)
+        queries = layer.norm2(queries + adapters.cross_attn_adapters[i](queries, depth))
+        mlp_out = layer.mlp(queries) + adapters.mlp_adapter_scale * adapters.mlp_adapters[i](queries, depth)
+        queries = layer.norm3(queries + mlp_out)
+        keys = keys + layer.cross_attn_image_to_token(q=keys + key_pe, k=queries + tokens, v=queries)
+        keys = keys + adapters.image_adapters[i](keys.reshape(n, h, w, c), depth).reshape(n, h * w, c)
+        keys = layer.norm4(keys)
+    final = decoder.transformer.final_attn_token_to_image
+    queries = queries + final(q=queries + tokens, k=keys + key_pe, v=keys)
+    queries = decoder.transformer.norm_final_attn(queries + adapters.final_adapter(queries, depth))
+    upscaled = decoder.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))
+    hyper = torch.stack([mlp(queries[:, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
+    masks = (hyper @ upscaled.flatten(2)).reshape(n, -1, *upscaled.shape[-2:])[:, :1]
+    return masks, adapters.class_head(queries[:, -1])
+
+
+@pytest.mark.parametrize("pe_per_slice", [True, False])
+def test_decoder_equals_the_plain_decoder_with_gradients(pe_per_slice):
+    """DecoderAdapters broadcasts slice embeddings and PE over the queries, sums keys and PE once per
+    layer and runs SAM's mask head as linear layers on tokens: outputs and gradients must equal the
+    plainly written decoder (fp32); under CPU bf16 autocast it must be as close to fp32 as the plain
+    decoder is."""
+    torch.manual_seed(0)
+    model = _perturbed(build_model("tiny", pretrained=False, num_classes=3))
+    adapters, sam = model.decoder_adapters, model.sam
+    b, q, t, d, h = 2, 3, 4, sam.prompt_dim, sam.embedding_size
+    emb = torch.randn(b * t, d, h, h, requires_grad=True)
+    pe = torch.randn(t if pe_per_slice else 1, d, h, h)
+    n = b * q * t
+    boxes = torch.rand(n, 2, 2).sort(dim=1).values.reshape(n, 4) * sam.image_size
+    masks_in = torch.randn(n, 1, *sam.prompt_encoder.mask_input_size)
+    sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=masks_in)
+    cls_tokens = torch.randn(n, d)
+
+    def run(fn):
+        emb.grad = None
+        adapters.zero_grad()
+        masks, logits = fn(adapters, sam.mask_decoder, emb, pe, sparse.detach(), dense.detach(), cls_tokens, t)
+        ((masks ** 2).mean() + logits.square().mean()).backward()
+        grads = [emb.grad.clone()] + [p.grad.clone() for p in adapters.parameters() if p.grad is not None]
+        return masks.detach(), logits.detach(), grads
+
+    def ours(adapters, *args):
+        return adapters(*args)
+
+    masks, logits, grads = run(ours)
+    ref_masks, ref_logits, ref_grads = run(_plain_decoder)
+    assert masks.shape == ref_masks.shape == (n, 1, 4 * h, 4 * h) and logits.shape == (n, 4)
+    assert _rel_err(masks, ref_masks) < 1e-5 and _rel_err(logits, ref_logits) < 1e-5
+    assert len(grads) == len(ref_grads) == 1 + sum(1 for _ in adapters.parameters())  # emb + every weight
+    for got, want in zip(grads, ref_grads):
+        assert _rel_err(got, want) < 1e-4
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = ours(adapters, sam.mask_decoder, emb, pe, sparse, dense, cls_tokens, t)
+        plain = _plain_decoder(adapters, sam.mask_decoder, emb, pe, sparse, dense, cls_tokens, t)
+    for i, want in enumerate((ref_masks, ref_logits)):  # bf16 against fp32: no worse than the plain path
+        err_fast, err_plain = _rel_err(fast[i].float(), want), _rel_err(plain[i].float(), want)
+        assert err_fast < 1.5 * err_plain and err_fast < 2e-2, (i, err_fast, err_plain)
+
+
+def test_decoder_rejects_embeddings_that_do_not_fit_the_prompts():
+    model = build_model("tiny", pretrained=False, num_classes=3)
+    sam, d, h = model.sam, model.sam.prompt_dim, model.sam.embedding_size
+    sparse, dense = torch.zeros(6, 2, d), torch.zeros(6, d, h, h)
+    with pytest.raises(ValueError, match="do not fit a depth of 4"):
+        model.decoder_adapters(sam.mask_decoder, torch.zeros(4, d, h, h), torch.zeros(4, d, h, h),
+                               sparse, dense, None, 4)

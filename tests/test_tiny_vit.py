@@ -229,3 +229,24 @@ def test_window_attention_equals_written_out_softmax() -> None:
         weights = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5 + bias, dim=-1)
         ref = attn.proj((weights @ v).transpose(1, 2).reshape(6, 49, 40).float())
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_last_weights_survive_loading_and_compute_what_default_layout_does(
+        encoder: TinyViT, lesion_slice: dict[str, object]) -> None:
+    """The encoder's convolution weights are channel-last (faster oneDNN kernels) after a strict load;
+    the results equal the same weights in the default layout (fp32), and under bf16 autocast they are
+    as close to fp32 as the default layout's."""
+    import copy
+
+    convs = [m.weight for m in encoder.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not encoder.neck[2].weight.is_contiguous()  # (256, 256, 3, 3): the layout really changed
+    plain = copy.deepcopy(encoder).to(memory_format=torch.contiguous_format)
+    assert plain.neck[2].weight.is_contiguous()
+    x = F.interpolate(lesion_slice["x"], size=(64, 64), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        ref = plain(x)
+        assert _rel(encoder(x), ref) < 1e-5
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast, slow = encoder(x).float(), plain(x).float()
+    assert _rel(fast, ref) < 1.5 * _rel(slow, ref) + 1e-3

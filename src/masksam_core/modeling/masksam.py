@@ -202,12 +202,9 @@ class MaskSAM(nn.Module):
         )
         sparse, dense = sam.prompt_encoder(points=None, boxes=boxes.reshape(n, 4) * image_size, masks=mask_in)
 
-        emb_shape = neck.shape[1:]
-        embeddings = neck.reshape(b, 1, t, *emb_shape).expand(b, q, t, *emb_shape).reshape(n, *emb_shape)
-        pe = pe.unsqueeze(0).expand(b * q, *pe.shape).reshape(n, *emb_shape)
         masks, logits = self.decoder_adapters(
             sam.mask_decoder,
-            embeddings,
+            neck,
             pe,
             sparse,
             dense,
