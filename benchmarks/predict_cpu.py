@@ -13,18 +13,21 @@ preprocessing + first batch + the other windows × their mean time (marked ``est
 resampling back, about a second, is then left out). Writes JSON and a markdown table.
 
     python benchmarks/predict_cpu.py [--presets tiny lite] [--tta off on] [--step-size 0.5]
-        [--max-windows N] [--compile off on] [--device cpu] [--data ../shared/data] [--work /tmp/masksam-bench]
+        [--max-windows N] [--compile off on] [--amp auto] [--device cpu] [--data ../shared/data] [--work /tmp/masksam-bench]
         [--out benchmarks/results/predict_cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import subprocess
 import sys
 from pathlib import Path
+
+from masksam_core.devices import AMP_CHOICES
 
 CHILD = r"""
 import json, resource, sys, time
@@ -33,8 +36,9 @@ from masksam_core.inference.predictor import Predictor
 from masksam_core.io import read_image
 run, image, tta, device = sys.argv[1], sys.argv[2], sys.argv[3] == "on", sys.argv[4]
 step, max_windows, compile = float(sys.argv[5]), int(sys.argv[6]), sys.argv[7] == "on"
+amp = sys.argv[8]
 volume, geometry = read_image(image)
-predictor = Predictor(run, device=device, compile=compile)
+predictor = Predictor(run, device=device, compile=compile, amp=amp)
 start = time.perf_counter()
 marks = []
 gen = predictor.predict_iter(volume, geometry.spacing, tta=tta, step_size=step)
@@ -86,6 +90,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-windows", type=int, default=0, help="time this many window batches, then estimate")
     parser.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"],
                         help="Predictor(compile=...): torch.compile the network (default: off)")
+    parser.add_argument("--amp", nargs="+", default=["auto"], choices=AMP_CHOICES,
+                        help="Predictor(amp=...): autocast precision (default: auto)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--work", type=Path, default=Path("/tmp/masksam-bench"))
@@ -97,9 +103,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for preset in args.presets:
         run = make_run(preset, dataset, args.work)
         for tta in args.tta:
-            for compile in args.compile:
+            for compile, amp in itertools.product(args.compile, args.amp):
                 out = subprocess.run([sys.executable, "-c", CHILD, str(run), str(image), tta, args.device,
-                                      str(args.step_size), str(args.max_windows), compile],
+                                      str(args.step_size), str(args.max_windows), compile, amp],
                                      check=True, capture_output=True, text=True, encoding="utf-8")
                 row = {"preset": preset, "model": str(run), "tta": tta, "step_size": args.step_size,
                        **json.loads(out.stdout.strip().splitlines()[-1])}
