@@ -136,7 +136,7 @@ class MaskSAM(nn.Module):
 
         ``query_chunk``: run the prompt encoder and mask decoder for this many queries at a
         time (``None``: all at once). The results are the same; small chunks keep
-        the decoder's B*chunk*T copies of the image embedding small (less memory). Chunks of
+        the decoder's B*chunk*T per-prompt image tokens small (less memory). Chunks of
         one query with B = 1 are slow on the CPU (PyTorch's fallback 3D convolution).
         """
         if query_chunk is not None and query_chunk < 1:
