@@ -46,7 +46,7 @@ from .sliding_window import Progress, sliding_window, window_starts
 __all__ = ["Cancelled", "Prediction", "Predictor", "Progress", "accumulation_device"]
 
 ACCUMULATE_FRACTION = 0.5  # the window sums may take this much of the GPU's free memory
-CPU_QUERY_CHUNK = 4  # queries per mask-decoder call on the CPU: same speed, less than half the memory
+CPU_QUERY_CHUNK = 4  # queries per mask-decoder call on the CPU: same speed, about half the memory
 
 
 class Cancelled(MaskSAMError):
