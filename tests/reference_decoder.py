@@ -41,6 +41,16 @@ def plain_decoder(adapters, decoder, emb, pe, sparse, dense, cls_tokens, depth):
     return masks, adapters.class_head(queries[:, -1])
 
 
+def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Every trainable tensor moved off its init (adapters start at zero: make them act); eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())

@@ -86,21 +86,17 @@ def test_compiled_training_step_matches_the_plain_one(tmp_path):
 def test_decoder_matches_the_plain_decoder_on_the_gpu(pe_per_slice):
     """The optimised 3D mask decoder against the plainly written one (tests/reference_decoder.py) on
     CUDA: fp32 outputs and gradients (TF32 off), and bf16 autocast no further from fp32 than the plain one."""
-    from reference_decoder import compare_with_plain_decoder
+    from reference_decoder import compare_with_plain_decoder, perturbed
 
     from masksam_core.modeling import build_model
 
-    model = build_model("tiny", pretrained=False, num_classes=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    model = perturbed(build_model("tiny", pretrained=False, num_classes=3))
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        errors = compare_with_plain_decoder(model.eval(), device="cuda", pe_per_slice=pe_per_slice)
+        errors = compare_with_plain_decoder(model, device="cuda", pe_per_slice=pe_per_slice)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     assert errors["fp32"] < 1e-4 and errors["fp32_grad"] < 1e-4
     for fast, plain in errors["bf16"]:
-        assert fast < 1e-2 or fast < 1.5 * plain, (fast, plain)
+        assert fast < 1.5 * plain and fast < 2e-2, (fast, plain)

@@ -15,7 +15,7 @@ from masksam_core.modeling import build_backbone, build_model, checkpoint_filter
 from masksam_core.modeling.backbone import build_vit_backbone
 from masksam_core.modeling.heads import mask_boxes
 from masksam_core.modeling.vit import FusedAttention
-from reference_decoder import compare_with_plain_decoder
+from reference_decoder import compare_with_plain_decoder, perturbed
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -316,21 +316,11 @@ def test_lite_preset_loads_real_weights_and_zero_shot_matches_reference(shared_d
     assert dice > 0.5
 
 
-def _perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Every trainable tensor moved off its init (adapters start at zero: make them act)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
 @pytest.mark.parametrize("mode,batch", [("auto", 2), ("gt", 1)])
 def test_query_chunks_give_the_same_outputs(mode, batch):
     # The CPU predictor decodes one query at a time; results must not depend on the chunk size.
     torch.manual_seed(0)
-    model = _perturbed(build_model("tiny", pretrained=False, prompt_mode=mode, num_classes=3))
+    model = perturbed(build_model("tiny", pretrained=False, prompt_mode=mode, num_classes=3))
     x = torch.randn(batch, 1, 4, 64, 64)
     prompts = gt_prompts(torch.randint(0, 3, (batch, 4, 64, 64)), 3) if mode == "gt" else None
     with torch.no_grad():
@@ -383,7 +373,7 @@ def test_decoder_equals_the_plain_decoder_with_gradients(pe_per_slice):
     layer and runs SAM's mask head as linear layers on tokens: outputs and gradients must equal the
     plainly written decoder (fp32); under CPU bf16 autocast it must be as close to fp32 as the plain
     decoder is (tests/test_cuda.py runs the same check on a GPU)."""
-    errors = compare_with_plain_decoder(_perturbed(build_model("tiny", pretrained=False, num_classes=3)),
+    errors = compare_with_plain_decoder(perturbed(build_model("tiny", pretrained=False, num_classes=3)),
                                         device="cpu", pe_per_slice=pe_per_slice)
     assert errors["fp32"] < 1e-5 and errors["fp32_grad"] < 1e-4
     for fast, plain in errors["bf16"]:
