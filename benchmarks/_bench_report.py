@@ -132,7 +132,8 @@ def _train(results: dict[str, Any]) -> list[str]:
     lines = ["## Training step", "",
              f"Batch size {s['train_batch']}: the trainer's forward (autocast {results['amp']}), set criterion, "
              "backward, gradient clipping and AdamW step; median of the timed steps after warm-up"
-             + ("; encoder blocks recomputed in backward (--grad-checkpointing)." if s.get("grad_checkpointing")
+             + ("; encoder blocks, prompt-generator stages and mask decoder recomputed in backward "
+                  "(--grad-checkpointing)." if s.get("grad_checkpointing")
                 else "; no gradient checkpointing."), "",
              "| preset | patch | trainable params (M) | s/step | peak memory, GiB (at start) | status |",
              "|---|---|---|---|---|---|"]

@@ -53,8 +53,7 @@ def make_trainer(preset: str, device: torch.device, amp_mode: str = "auto", *,
     torch.manual_seed(0)
     with torch.device(device):  # random initialisation on the device itself
         trainer.model = build_model(preset, pretrained=False).to(device)
-    if grad_checkpointing and hasattr(trainer.model.encoder_adapters, "grad_checkpointing"):  # ViT backbones
-        trainer.model.encoder_adapters.grad_checkpointing = True
+    trainer.model.set_grad_checkpointing(grad_checkpointing)
     trainer.net = trainer.model
     trainer.params = [q for q in trainer.model.parameters() if q.requires_grad]
     trainer.optimizer = torch.optim.AdamW(trainer.params, lr=NEW_RUN_DEFAULTS["lr"], eps=1e-4,
@@ -95,5 +94,5 @@ def train_item(preset: str, batch_size: int, device: torch.device, *, warmup: in
         "memory_kind": kind,
         "trainable_params_m": trainable / 1e6, "amp": str(trainer.amp).replace("torch.", "") if trainer.amp else "off",
         "loss": losses.get("loss"),
-        "grad_checkpointing": bool(getattr(trainer.model.encoder_adapters, "grad_checkpointing", False)),
+        "grad_checkpointing": trainer.model.grad_checkpointing,
     }

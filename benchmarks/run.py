@@ -24,9 +24,10 @@ Parts (``--parts encoder,predict,train``):
 3. **train**: seconds per training step and peak memory of each preset at batch size 2 (``Trainer``'s
    own forward, criterion, backward and optimiser step: ``_bench_train``). GPU memory is
    ``torch.cuda.max_memory_allocated``; CPU memory is the process's peak resident set (VmHWM, reset
-   per item through ``/proc/self/clear_refs``). ``--grad-checkpointing`` recomputes the ViT encoder
-   blocks in the backward pass, as ``masksam-core train --grad-checkpointing`` does (the row's
-   ``grad_checkpointing`` says whether the backbone supports it: LiteMedSAM's TinyViT does not).
+   per item through ``/proc/self/clear_refs``). ``--grad-checkpointing`` recomputes the image encoder's
+   blocks, the prompt generator's stages and the mask decoder in the backward pass, as ``masksam-core
+   train --grad-checkpointing`` does (recorded in each row's ``grad_checkpointing``); without it the
+   suite trains without recomputation on every device (the trainer's CPU default recomputes).
 
 Windows per 128×512×512 volume (×8 network passes with TTA): nnU-Net 125 (48×192×192), acdc 567
 (4×256×256, ViT-B at 1024²), synapse 81 (26×256×256), amos 28 (9×512×512), lite 567 (4×256×256),
@@ -105,7 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window-batch", type=int, default=1, help="windows per network call (Predictor: 1)")
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--grad-checkpointing", action="store_true",
-                        help="train part: recompute the encoder blocks in backward (masksam-core train's flag)")
+                        help="train part: recompute the encoder, prompt generator and decoder in backward "
+                        "(masksam-core train's flag)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (GPU 3, CPU 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (GPU 10, CPU 3)")
     parser.add_argument("--matmul-size", type=int, default=None, help="side of the reference matmul")

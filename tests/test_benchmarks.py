@@ -203,4 +203,4 @@ def test_grad_checkpointing_cuts_nothing_but_memory(bench, tmp_path):
     assert plain["grad_checkpointing"] is False and recomputed["grad_checkpointing"] is True
     assert recomputed["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     md = (tmp_path / "suite_cpu_gc.md").read_text()
-    assert "encoder blocks recomputed in backward (--grad-checkpointing)" in md
+    assert "encoder blocks, prompt-generator stages and mask decoder recomputed in backward" in md

@@ -387,3 +387,65 @@ def test_decoder_rejects_embeddings_that_do_not_fit_the_prompts():
     with pytest.raises(ValueError, match="do not fit a depth of 4"):
         model.decoder_adapters(sam.mask_decoder, torch.zeros(4, d, h, h), torch.zeros(4, d, h, h),
                                sparse, dense, None, 4)
+
+
+def _grads_with(model, x, *, recompute: bool, **kwargs) -> tuple[dict, dict]:
+    model.set_grad_checkpointing(recompute)
+    model.zero_grad(set_to_none=True)
+    out = model(x, **kwargs)
+    _loss(out).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach().clone() for k, v in out.items()}, grads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,overrides,query_chunk", [
+    ("tiny", {}, None),  # ViT blocks; 10 queries decoded 4, 4 and 2 at a time
+    ("lite", {"patch_size": (2, 256, 256), "num_queries": 3}, 2),  # TinyViT blocks (random weights)
+])
+def test_grad_checkpointing_gives_the_plain_outputs_and_gradients(preset, overrides, query_chunk):
+    torch.manual_seed(0)
+    model = perturbed(build_model(preset, pretrained=False, **overrides)).train()
+    t, h, w = model.patch_size
+    x = torch.randn(1, 1, t, h, w)
+    ref_out, ref_grads = _grads_with(model, x, recompute=False, query_chunk=query_chunk)
+    out, grads = _grads_with(model, x, recompute=True, query_chunk=query_chunk)
+    assert model.encoder_adapters.grad_checkpointing and model.prompt_generator.grad_checkpointing
+    for key in ref_out:
+        assert _rel_err(out[key], ref_out[key]) < 1e-6, key
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(grads) == set(ref_grads) == trainable  # every trainable parameter, no frozen one
+    scale = max(g.norm() for g in ref_grads.values())
+    for name, g in ref_grads.items():
+        # relative to the gradient itself; a bias before InstanceNorm has a gradient of (rounding noise
+        # around) zero, so its error is measured against the largest gradient instead
+        assert (grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-7 * scale, name
+    model.eval()
+    with torch.no_grad():  # inference ignores the switch
+        plain = model(x, query_chunk=query_chunk)
+    assert _rel_err(plain["pred_masks"], ref_out["pred_masks"]) < 1e-6
+
+
+def test_grad_checkpointing_keeps_a_fraction_of_the_activations():
+    """lite at batch 2 (the CPU trainer's default, 23 GiB without it): the bytes autograd keeps
+    outside the recomputed pieces, counted on the meta device (shapes only, no memory, no time)."""
+    from masksam_core.modeling.masksam import CHECKPOINT_QUERY_CHUNK
+
+    def saved_bytes(recompute: bool) -> int:
+        with torch.device("meta"):
+            model = build_model("lite", pretrained=False).train().set_grad_checkpointing(recompute)
+            x = torch.randn(2, 1, *model.patch_size)
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            seen[id(t)] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sum(seen.values())
+
+    plain, recomputed = saved_bytes(False), saved_bytes(True)
+    assert plain > 20 * 2**30  # about 27 GiB in fp32
+    assert recomputed < plain / 10
+    assert CHECKPOINT_QUERY_CHUNK == 4

@@ -95,6 +95,8 @@ class TinyViTAdapters(nn.Module):
     The depth embedding is added to the input of the first attention stage; each
     attention block gets an adapter after attention and one beside its MLP.
     Returns the neck output and the four stage outputs, deepest first.
+    With ``grad_checkpointing`` set, a module in training mode keeps only the inputs of the
+    encoder's blocks for the backward pass and recomputes the blocks there.
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class TinyViTAdapters(nn.Module):
             adapter_layer(stage_dims[l], stage_dims[l] // bottleneck_ratio) for l, _ in self.keys
         )
         self.mlp_adapter_scale = mlp_adapter_scale
+        self.grad_checkpointing = False
 
     def forward(
         self, encoder: nn.Module, x: torch.Tensor, depth: int, *, enabled: bool = True
@@ -144,5 +147,7 @@ class TinyViTAdapters(nn.Module):
             vol = tokens.reshape(nt // depth, depth, h, w, c) + self.depth_embed[:, :, None, None]
             return vol.reshape(nt, h, w, c)
 
-        neck, stages = encoder.forward_features(x, adapters=adapters, stage_input_hook=add_depth)
+        recompute = self.grad_checkpointing and self.training
+        neck, stages = encoder.forward_features(x, adapters=adapters, stage_input_hook=add_depth,
+                                                checkpoint_blocks=recompute)
         return neck, stages[::-1]

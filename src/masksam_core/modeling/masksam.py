@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .backbone import SamBackbone
 from .decoder3d import DecoderAdapters
@@ -30,6 +31,7 @@ from .prompt_generator import PromptGenerator
 
 PROMPT_MODES = ("auto", "gt")
 DECODER_WIDTHS = (256, 256, 128, 128, 64, 64)  # deepest first (METHOD: 64,64,128,128,256,256)
+CHECKPOINT_QUERY_CHUNK = 4  # queries per recomputed decoder call under gradient checkpointing
 
 
 def decoder_sizes(embedding_size: int, patch_size: int, stages: int) -> tuple[int, ...]:
@@ -119,6 +121,22 @@ class MaskSAM(nn.Module):
             dim=dim, depth=depth, num_classes=num_classes, bottleneck_ratio=adapter_ratio
         )
         self.final_conv = FinalConv(in_size=sam.prompt_encoder.mask_input_size[0], out_size=height)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> MaskSAM:
+        """Trade compute for memory in training: keep fewer activations and recompute the rest.
+
+        With ``enable``, a training forward keeps for the backward pass only the inputs of the
+        image encoder's blocks, of the prompt generator's stages, and of the prompt encoder, mask
+        decoder and final_conv, which then run ``CHECKPOINT_QUERY_CHUNK`` queries at a time
+        (unless ``query_chunk`` says otherwise); backward recomputes each piece. The outputs and
+        gradients are those of the plain forward (tested); it costs about one more forward pass.
+        """
+        self.grad_checkpointing = enable
+        for part in (self.encoder_adapters, self.prompt_generator):
+            if part is not None:
+                part.grad_checkpointing = enable
+        return self
 
     def train(self, mode: bool = True) -> MaskSAM:
         super().train(mode)
@@ -171,8 +189,19 @@ class MaskSAM(nn.Module):
             cls_tokens = None
         q = binary.shape[1]
         out["prompt_boxes"] = boxes
-        step = q if query_chunk is None else min(query_chunk, q)
         pe = sam.prompt_encoder.get_dense_pe() + self.depth_pe  # (T, D, h, w)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            step = min(query_chunk or CHECKPOINT_QUERY_CHUNK, q)
+            parts = [
+                checkpoint(self._decode_masks, neck, pe, binary[:, i : i + step], boxes[:, i : i + step],
+                           None if cls_tokens is None else cls_tokens[:, i : i + step], s, img.dtype,
+                           use_reentrant=False)
+                for i in range(0, q, step)
+            ]
+            out["pred_masks"] = torch.cat([m for m, _ in parts], dim=1)
+            out["pred_logits"] = torch.cat([lg for _, lg in parts], dim=1)
+            return out
+        step = q if query_chunk is None else min(query_chunk, q)
         parts = [
             self._decode(neck, pe, binary[:, i : i + step], boxes[:, i : i + step],
                          None if cls_tokens is None else cls_tokens[:, i : i + step], s, img.dtype)
@@ -182,6 +211,11 @@ class MaskSAM(nn.Module):
         out["pred_masks"] = self.final_conv(low)  # all queries at once: CPU convolutions are slow on one
         out["pred_logits"] = parts[0][1] if len(parts) == 1 else torch.cat([lg for _, lg in parts], dim=1)
         return out
+
+    def _decode_masks(self, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_decode` followed by final_conv: mask logits at the patch size and class logits."""
+        low, logits = self._decode(*args)  # type: ignore[arg-type]
+        return self.final_conv(low), logits
 
     def _decode(self, neck: torch.Tensor, pe: torch.Tensor, binary: torch.Tensor, boxes: torch.Tensor,
                 cls_tokens: torch.Tensor | None, image_size: int, dtype: torch.dtype,

@@ -22,6 +22,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class ConvBlock3d(nn.Module):
@@ -135,6 +136,14 @@ class PromptGenerator(nn.Module):
         self.token_grid = _factor_pair(token_dim)
         self.token_pool = nn.AdaptiveAvgPool3d((depth, *self.token_grid))
         self.token_head = nn.Sequential(nn.Conv3d(total, num_queries, 3, padding=1), nn.GELU())
+        self.grad_checkpointing = False  # training: recompute each stage in backward (less memory)
+
+    def _stage(self, s: int, x: torch.Tensor, skip_input: torch.Tensor | None) -> torch.Tensor:
+        """Stage s: upsample x, join the projected skip (if any), conv block."""
+        x = self.ups[s](x)
+        if skip_input is not None:
+            x = torch.cat([x, self.skips[s](skip_input)], dim=1)
+        return self.blocks[s](x)
 
     def forward(
         self, neck: torch.Tensor, features: list[torch.Tensor], image: torch.Tensor
@@ -143,12 +152,14 @@ class PromptGenerator(nn.Module):
         image: (B, C_img, T, H, W) → dict of aux_masks, aux_boxes, cls_tokens."""
         x = self.neck_proj(neck)
         stages = []
-        for s, (up, skip, block) in enumerate(zip(self.ups, self.skips, self.blocks)):
-            x = up(x)
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for s in range(len(self.blocks)):
             source = self.skip_sources[s]
-            if source is not None:
-                x = torch.cat([x, skip(image if source == -1 else features[source])], dim=1)
-            x = block(x)
+            skip_input = None if source is None else image if source == -1 else features[source]
+            if recompute:
+                x = checkpoint(self._stage, s, x, skip_input, use_reentrant=False)
+            else:
+                x = self._stage(s, x, skip_input)
             stages.append(x)
         b, _, t = x.shape[:3]
         aux_masks = self.mask_head(x)  # (B, Q, T, H, W)

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["Adapter", "AdapterMap", "TinyViT", "build_lite_image_encoder"]
 
@@ -280,6 +281,8 @@ class TinyViT(nn.Module):
         x: Tensor,
         adapters: Optional[AdapterMap] = None,
         stage_input_hook: Optional[Adapter] = None,
+        *,
+        checkpoint_blocks: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
         """Encode images and expose per-stage features.
 
@@ -290,6 +293,10 @@ class TinyViT(nn.Module):
                 same shape; see ``TinyViTBlock`` for where they are added (no scaling applied here).
             stage_input_hook: optional callable applied to the channel-last tokens (N, H_1, W_1, C_1)
                 entering the first attention stage (MaskSAM adds its depth embedding there).
+            checkpoint_blocks: keep only the input of every block, downsample, the patch embedding
+                and the neck for the backward pass and recompute the rest there (gradient
+                checkpointing: the same gradients for a second forward pass, and a fraction of the
+                activation memory; only matters when gradients are recorded).
 
         Returns:
             ``(neck, stages)``: neck (N, 256, H/4, W/4); ``stages[i]`` is the output of ``layers[i]``'s blocks
@@ -301,24 +308,29 @@ class TinyViT(nn.Module):
             raise ValueError(f"expected (N, {self.in_chans}, H, W) images, got {tuple(x.shape)}")
         if adapters:
             self._check_adapters(adapters)
+        def run(module: Callable[..., Tensor], *args: object) -> Tensor:
+            if checkpoint_blocks and torch.is_grad_enabled():
+                return checkpoint(module, *args, use_reentrant=False)
+            return module(*args)
+
         stages: list[Tensor] = []
-        x = self.patch_embed(x)
+        x = run(self.patch_embed, x)
         conv_stage = self.layers[0]
         for mb in conv_stage.blocks:  # type: ignore[union-attr]
-            x = mb(x)
+            x = run(mb, x)
         stages.append(x)
-        x = conv_stage.downsample(x).permute(0, 2, 3, 1)  # type: ignore[operator]
+        x = run(conv_stage.downsample, x).permute(0, 2, 3, 1)  # type: ignore[arg-type]
         if stage_input_hook is not None:
             x = stage_input_hook(x)
         for i in range(1, len(self.layers)):
             layer = self.layers[i]
             for j, blk in enumerate(layer.blocks):  # type: ignore[union-attr]
                 pair = adapters.get((i, j)) if adapters else None
-                x = blk(x) if pair is None else blk(x, pair[0], pair[1])
+                x = run(blk, x) if pair is None else run(blk, x, pair[0], pair[1])
             stages.append(x.permute(0, 3, 1, 2))
             if layer.downsample is not None:
-                x = layer.downsample(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # type: ignore[operator]
-        return self.neck(x.permute(0, 3, 1, 2)), stages
+                x = run(layer.downsample, x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # type: ignore[arg-type]
+        return run(self.neck, x.permute(0, 3, 1, 2)), stages
 
     def forward(self, x: Tensor) -> Tensor:
         """Image embedding: (N, 3, 256, 256) -> (N, 256, 64, 64) with the LiteMedSAM settings."""

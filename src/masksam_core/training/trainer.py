@@ -59,7 +59,7 @@ class TrainConfig:
     base_checkpoint: str | None = None
     time_limit: float | None = None
     num_workers: int = 2
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | None = None  # None: on for CPUs (memory is what they lack), off elsewhere
     compile: bool = False
     patch_size: tuple[int, int, int] | None = None
     num_queries: int | None = None
@@ -128,8 +128,8 @@ class Trainer:
         ).to(device)
         if saved is not None and saved.get("sam") is not None:  # random base weights (tiny) travel with the run
             ckpt_io.load_state(self.model.sam, saved["sam"], strict=True, source=self.out / "checkpoint_last.pt")
-        if c.grad_checkpointing and hasattr(self.model.encoder_adapters, "grad_checkpointing"):
-            self.model.encoder_adapters.grad_checkpointing = True
+        recompute = c.grad_checkpointing if c.grad_checkpointing is not None else device.type == "cpu"
+        self.model.set_grad_checkpointing(recompute)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, eps=1e-4, weight_decay=c.weight_decay)
         from .criterion import HungarianMatcher, SetCriterion, loss_weights
@@ -218,7 +218,8 @@ class Trainer:
             ckpt_io.write_metrics(self.out / "metrics.jsonl", [])  # no lines left from a run that never saved
         yield TrainEvent("setup", epoch=start_epoch, epochs=self.epochs,
                          message=f"{len(data.train_cases)} training and {len(data.val_volumes)} validation volumes; "
-                         f"training on {device}" + (f" ({world} processes)" if world > 1 else ""))
+                         f"training on {device}" + (f" ({world} processes)" if world > 1 else "")
+                         + (" with gradient checkpointing" if self.model.grad_checkpointing else ""))
         if start_epoch >= self.epochs:
             dist.cleanup()
             yield TrainEvent("done", start_epoch, self.epochs, message=f"{self.out} has already trained "
