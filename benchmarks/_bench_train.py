@@ -83,10 +83,13 @@ def train_item(preset: str, batch_size: int, device: torch.device, *, warmup: in
         trainer._backward(total)
         losses.update(values)
 
-    time_calls(step, device, warmup=max(warmup, 1), repeats=0)
-    baseline = reset_peak_memory(device)
-    times = time_calls(step, device, warmup=0, repeats=repeats)
-    peak, kind = peak_memory(device)
+    from masksam_core.devices import reuse_freed_memory
+
+    with reuse_freed_memory(device.type == "cpu"):  # as the trainer's CPU steps run
+        time_calls(step, device, warmup=max(warmup, 1), repeats=0)
+        baseline = reset_peak_memory(device)
+        times = time_calls(step, device, warmup=0, repeats=repeats)
+        peak, kind = peak_memory(device)
     trainable = sum(q.numel() for q in trainer.params)
     return {
         "batch_size": batch_size, "patch_size": list(p.patch_size), "seconds_per_step": statistics.median(times),

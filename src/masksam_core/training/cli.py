@@ -144,7 +144,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="recompute the frozen encoder's blocks, the prompt generator's stages and the mask decoder "
                         "(4 queries at a time) in the backward pass: the same gradients for about a third more time "
                         "per step and a fraction of the memory (lite, batch 2, CPU: 9 instead of 23 GiB) "
-                        "(default: on for CPUs, off for GPUs)")
+                        "(default: on for CPUs when a step's activations would take more than half the free "
+                        "memory, else off)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network: a slow first step, then faster ones on GPUs "
                         "(on CPUs it does not pay)")

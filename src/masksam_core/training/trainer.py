@@ -59,7 +59,7 @@ class TrainConfig:
     base_checkpoint: str | None = None
     time_limit: float | None = None
     num_workers: int = 2
-    grad_checkpointing: bool | None = None  # None: on for CPUs (memory is what they lack), off elsewhere
+    grad_checkpointing: bool | None = None  # None: on for CPUs whose memory the step would crowd, else off
     compile: bool = False
     patch_size: tuple[int, int, int] | None = None
     num_queries: int | None = None
@@ -128,8 +128,15 @@ class Trainer:
         ).to(device)
         if saved is not None and saved.get("sam") is not None:  # random base weights (tiny) travel with the run
             ckpt_io.load_state(self.model.sam, saved["sam"], strict=True, source=self.out / "checkpoint_last.pt")
-        recompute = c.grad_checkpointing if c.grad_checkpointing is not None else device.type == "cpu"
-        self.model.set_grad_checkpointing(recompute)
+        self.recompute_reason = None
+        if c.grad_checkpointing is None and device.type == "cpu":
+            from .memory import activation_bytes, available_memory, cpu_recompute_reason
+
+            activations = activation_bytes(c.preset, c.batch_size, num_classes=data.num_classes,
+                                           in_channels=data.in_channels, prompt_mode=c.prompt_mode, **self.overrides)
+            # every process of a CPU run shares this machine's memory
+            self.recompute_reason = cpu_recompute_reason(activations * dist.world_size(), available_memory())
+        self.model.set_grad_checkpointing(bool(c.grad_checkpointing) or self.recompute_reason is not None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, eps=1e-4, weight_decay=c.weight_decay)
         from .criterion import HungarianMatcher, SetCriterion, loss_weights
@@ -219,7 +226,9 @@ class Trainer:
         yield TrainEvent("setup", epoch=start_epoch, epochs=self.epochs,
                          message=f"{len(data.train_cases)} training and {len(data.val_volumes)} validation volumes; "
                          f"training on {device}" + (f" ({world} processes)" if world > 1 else "")
-                         + (" with gradient checkpointing" if self.model.grad_checkpointing else ""))
+                         + (" with gradient checkpointing" if self.model.grad_checkpointing else "")
+                         + (f" ({self.recompute_reason}; --no-grad-checkpointing turns it off)"
+                            if self.recompute_reason else ""))
         if start_epoch >= self.epochs:
             dist.cleanup()
             yield TrainEvent("done", start_epoch, self.epochs, message=f"{self.out} has already trained "
