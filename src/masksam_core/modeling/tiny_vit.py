@@ -308,6 +308,7 @@ class TinyViT(nn.Module):
             raise ValueError(f"expected (N, {self.in_chans}, H, W) images, got {tuple(x.shape)}")
         if adapters:
             self._check_adapters(adapters)
+
         def run(module: Callable[..., Tensor], *args: object) -> Tensor:
             if checkpoint_blocks and torch.is_grad_enabled():
                 return checkpoint(module, *args, use_reentrant=False)
