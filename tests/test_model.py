@@ -427,23 +427,16 @@ def test_grad_checkpointing_gives_the_plain_outputs_and_gradients(preset, overri
 
 
 def test_grad_checkpointing_keeps_a_fraction_of_the_activations():
-    """lite at batch 2 (the CPU trainer's default, 23 GiB without it): the bytes autograd keeps
+    """lite at batch 2 (23 GiB of CPU memory without recomputation): the bytes autograd keeps
     outside the recomputed pieces, counted on the meta device (shapes only, no memory, no time)."""
     from masksam_core.modeling.masksam import CHECKPOINT_QUERY_CHUNK
+    from masksam_core.training.memory import saved_activation_bytes
 
     def saved_bytes(recompute: bool) -> int:
         with torch.device("meta"):
             model = build_model("lite", pretrained=False).train().set_grad_checkpointing(recompute)
             x = torch.randn(2, 1, *model.patch_size)
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            seen[id(t)] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x)
-        return sum(seen.values())
+        return saved_activation_bytes(model, x)
 
     plain, recomputed = saved_bytes(False), saved_bytes(True)
     assert plain > 20 * 2**30  # about 27 GiB in fp32

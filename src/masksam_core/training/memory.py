@@ -15,19 +15,13 @@ import torch
 from ..modeling import build_model, gt_prompts
 
 
-def activation_bytes(preset: str, batch_size: int, *, num_classes: int, in_channels: int, prompt_mode: str,
-                     **overrides: Any) -> int:
-    """Bytes autograd keeps for the backward pass of one fp32 training forward without recomputation.
+def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor,
+                           prompts: dict[str, torch.Tensor] | None = None) -> int:
+    """Bytes autograd keeps for the backward pass of ``model(x, prompts)`` outside recomputed pieces.
 
-    Counted with saved-tensor hooks on a meta-device model of the same shapes; views of one tensor
-    are counted apart, so this is an upper estimate (about 10% above the real count for ``lite``).
+    Counted with saved-tensor hooks (each saved tensor once; views of one tensor are counted apart,
+    so this is an upper estimate). On the meta device it costs no memory and well under a second.
     """
-    with torch.device("meta"):
-        model = build_model(preset, num_classes=num_classes, in_channels=in_channels, prompt_mode=prompt_mode,
-                            pretrained=False, progress=False, **overrides).train()
-        x = torch.zeros(batch_size, in_channels, *model.patch_size)
-        labels = torch.zeros(batch_size, *model.patch_size, dtype=torch.long)
-    prompts = gt_prompts(labels, num_classes) if prompt_mode == "gt" else None
     kept: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -37,6 +31,20 @@ def activation_bytes(preset: str, batch_size: int, *, num_classes: int, in_chann
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x, prompts)
     return sum(kept.values())
+
+
+def activation_bytes(preset: str, batch_size: int, *, num_classes: int, in_channels: int, prompt_mode: str,
+                     **overrides: Any) -> int:
+    """Bytes autograd keeps for the backward pass of one fp32 training forward without recomputation,
+    counted by :func:`saved_activation_bytes` on a meta-device model of the same shapes (about 10%
+    above the real count for ``lite``)."""
+    with torch.device("meta"):
+        model = build_model(preset, num_classes=num_classes, in_channels=in_channels, prompt_mode=prompt_mode,
+                            pretrained=False, progress=False, **overrides).train()
+        x = torch.zeros(batch_size, in_channels, *model.patch_size)
+        labels = torch.zeros(batch_size, *model.patch_size, dtype=torch.long)
+    prompts = gt_prompts(labels, num_classes) if prompt_mode == "gt" else None
+    return saved_activation_bytes(model, x, prompts)
 
 
 def available_memory() -> int | None:
