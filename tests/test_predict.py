@@ -128,6 +128,22 @@ def test_tiny_run_tta_on_and_off_both_run(tiny_run, monkeypatch):
     assert calls[1:] == [1] * 8  # 8 mirrored passes of the one window
     assert plain.labels.shape == tta.labels.shape == volume.shape
     assert tta.labels.max() <= 2 and tta.probabilities is None
+    # a run trained without mirroring (labels that name a side) gets no mirrored passes
+    assert predictor.mirror_axes == (0, 1, 2)
+    predictor.mirror_axes = ()
+    calls.clear()
+    np.testing.assert_array_equal(predictor.predict(volume, (4.0, 1.0, 1.0), tta=True).labels, plain.labels)
+    assert calls == [1]
+
+
+def test_tta_mirrors_only_the_axes_the_run_was_trained_to_mirror():
+    from masksam_core.inference.predictor import tta_mirror_axes
+
+    assert tta_mirror_axes({"plans": {"mirror_axes": [2]}, "config": {"augmentation": "full"}}) == (2,)
+    assert tta_mirror_axes({"plans": {}, "config": {"augmentation": "no-mirror"}}) == ()  # a run's checkpoint
+    assert tta_mirror_axes({"plans": {}, "summary": {"config": {"augmentation": "none"}}}) == ()  # a model file
+    assert tta_mirror_axes({"plans": {}, "config": {"augmentation": "full"}}) == (0, 1, 2)
+    assert tta_mirror_axes({"plans": {}}) == (0, 1, 2)  # runs from before augmentation levels
 
 
 def test_query_chunk_defaults_per_device_and_does_not_change_results(tiny_run):

@@ -250,3 +250,33 @@ def test_channel_last_weights_survive_loading_and_compute_what_default_layout_do
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fast, slow = encoder(x).float(), plain(x).float()
     assert _rel(fast, ref) < 1.5 * _rel(slow, ref) + 1e-3
+
+
+def test_lite_backbone_at_128_segments_the_lesion(lesion_slice: dict[str, object]) -> None:
+    """The same LiteMedSAM weights at 128x128 (a quarter of the work; what small scans such as 3 mm CTs
+    need): shapes follow the slice side and a tight box still segments the real lesion."""
+    from masksam_core.errors import ModelError
+    from masksam_core.modeling.backbone import build_backbone, load_sam_backbone
+
+    backbone = load_sam_backbone("lite", _weights_path(), image_size=128, progress=False).eval()
+    assert (backbone.image_size, backbone.embedding_size) == (128, 32)
+    assert backbone.feature_sizes == (32, 32, 64, 128)
+    x = F.interpolate(lesion_slice["x"], size=(128, 128), mode="bilinear", align_corners=False)  # type: ignore[arg-type]
+    box: Tensor = lesion_slice["box"] / 2  # type: ignore[operator]
+    with torch.no_grad():
+        neck, stages = backbone.image_encoder.forward_features(x)
+        sparse, dense = backbone.prompt_encoder(points=None, boxes=box, masks=None)
+        logits, _ = backbone.mask_decoder(image_embeddings=neck, image_pe=backbone.prompt_encoder.get_dense_pe(),
+                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                          multimask_output=False)
+    assert neck.shape == (1, 256, 32, 32)
+    assert [tuple(s.shape) for s in stages] == [(1, 64, 128, 128), (1, 128, 64, 64), (1, 160, 32, 32),
+                                                (1, 320, 32, 32)]
+    label: Tensor = lesion_slice["label"]  # type: ignore[assignment]
+    pred = F.interpolate(logits, size=tuple(label.shape), mode="bilinear", align_corners=False)[0, 0] > 0
+    dice = float(2 * (pred & label).sum() / (pred.sum() + label.sum()))
+    print(f"\nlite at 128x128, box prompt on slice z={lesion_slice['z']}: Dice {dice:.4f}")
+    assert dice > 0.5
+    for side in (100, 32):
+        with pytest.raises(ModelError, match="multiple of 64"):
+            build_backbone("lite", image_size=side)

@@ -394,6 +394,7 @@ def test_augmentation_follows_the_patch_shape_as_nnunet(phantom, tmp_path, patch
 
 
 def test_augmentation_setting_reaches_the_loader(phantom, tmp_path):
+    from masksam_core.data.plans import load_plans
     from masksam_core.training.checkpoint import resolve_config
     from masksam_core.training.data_setup import prepare_data
 
@@ -405,3 +406,35 @@ def test_augmentation_setting_reaches_the_loader(phantom, tmp_path):
     assert data.transforms.input_size == (2, 64, 64)  # nothing to rotate: no context around the patch
     assert not any(name.startswith("mirror") for name, _ in data.transforms.steps)
     assert data.transforms.steps[1][1].prob == 0.1  # noise as nnU-Net
+    # test-time augmentation mirrors only where training did (nnU-Net's inference_allowed_mirroring_axes)
+    assert data.plans["mirror_axes"] == [] == load_plans(tmp_path / "run" / "plans.json")["mirror_axes"]
+    full = resolve_config(TrainConfig(str(phantom), str(tmp_path / "full"), preset="tiny", patch_size=(2, 64, 64),
+                                      val_fraction=0, num_workers=0))
+    assert prepare_data(full, tmp_path / "full", patch_size=(2, 64, 64)).plans["mirror_axes"] == [0, 1, 2]
+
+
+def test_a_smaller_patch_scales_the_slice_sam_sees(phantom, tmp_path):
+    """--patch-size keeps the preset's upsampling (lite at 4x128x128 runs LiteMedSAM at 128x128, a quarter
+    of the work); the slice side is stored with the model, kept on resume, and a different one refused."""
+    from masksam_core.modeling.presets import get_preset
+    from masksam_core.training.trainer import slice_size
+
+    assert slice_size(get_preset("lite"), None, None) == 256
+    assert slice_size(get_preset("lite"), (4, 128, 128), None) == 128
+    assert slice_size(get_preset("acdc"), (4, 128, 128), None) == 512  # keeps acdc's 4x upsampling
+    assert slice_size(get_preset("lite"), (4, 128, 128), 256) == 256  # explicit: 2x upsampling
+
+    run = tmp_path / "run"
+    small = ["--preset", "tiny", "--iters-per-epoch", "1", "--batch-size", "1", "--patch-size", "2", "32", "32",
+             "--val-fraction", "0", "--device", "cpu"]
+    rc, _, err = finish(command(phantom, run, *small, "--epochs", "1"), tmp_path / "log1")
+    assert rc == 0, err[-3000:]
+    model, ckpt = load_run(run)
+    assert ckpt["build"]["overrides"]["sam_image_size"] == 32
+    assert model.sam.image_size == 32 and tuple(model.patch_size) == (2, 32, 32)
+    rc, _, err = finish(command(phantom, run, "--resume", "--epochs", "2"), tmp_path / "log2")
+    assert rc == 0, err[-3000:]
+    model, ckpt = load_run(run)
+    assert ckpt["epoch"] == 2 and model.sam.image_size == 32
+    rc, _, err = finish(command(phantom, run, "--resume", "--epochs", "3", "--sam-image-size", "64"), tmp_path / "log3")
+    assert rc != 0 and "--sam-image-size 32" in err and "Traceback" not in err

@@ -131,7 +131,8 @@ class SegmentWidget(Container):
         # mirroring by default where it costs seconds (a GPU), not where it turns minutes into an hour
         self.tta = CheckBox(value=on_gpu(str(self.device.value)), text="mirroring (TTA)",
                             tooltip="average the 8 mirrored copies of each window: usually slightly better, 8x "
-                            "slower; on by default on a GPU, off on the CPU")
+                            "slower; on by default on a GPU, off on the CPU (models trained without "
+                            "mirroring, whose labels name a side, run one pass)")
         self.device.changed.connect(lambda value: setattr(self.tta, "value", on_gpu(str(value))))
         self.step_size = FloatSpinBox(value=0.5, min=0.1, max=1.0, step=0.05, label="step size",
                                       tooltip="window step as a fraction of the window: 0.5 = half-overlapping "

@@ -7,7 +7,8 @@ the input grid::
       → normalise + resample to the plans' target spacing   (data.preprocess.preprocess_image)
       → windows of the model's patch size, step = step_size × patch (0.5: half overlap),
         Gaussian importance weighting, 8 mirrored passes per window when ``tta``
-        (flips of every subset of the Z, Y, X axes, averaged), ``batch_size`` windows per call
+        (flips of every subset of the Z, Y, X axes, averaged; only the axes the run was
+        trained to mirror, none after ``--augmentation no-mirror``), ``batch_size`` windows per call
       → per-class scores (C, Z', Y', X'): MaskFormer semantic inference per window,
         scores[c] = Σ_q softmax(class_q)[c] · sigmoid(mask_q)            (modeling.heads.semantic_scores)
       → resampled back to (Z, Y, X), linear (order 0 along a separate anisotropic axis,
@@ -87,6 +88,19 @@ def count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) ->
     return math.prod(len(window_starts(max(n, p), p, overlap)) for n, p in zip(shape, patch))
 
 
+def tta_mirror_axes(ckpt: dict[str, Any]) -> tuple[int, ...]:
+    """The axes test-time augmentation may mirror for a run or model file: those it was trained to be
+    mirror-invariant on (its plans' ``mirror_axes``; else its training config's ``--augmentation``;
+    else all three). None after ``--augmentation no-mirror``, whose labels name a side."""
+    from ..data.augment import AUGMENTATIONS, augmentation_settings
+
+    if "mirror_axes" in ckpt["plans"]:
+        return tuple(int(a) for a in ckpt["plans"]["mirror_axes"])
+    config = ckpt.get("config") or (ckpt.get("summary") or {}).get("config") or {}
+    level = config.get("augmentation")
+    return augmentation_settings(level)[1] if level in AUGMENTATIONS else (0, 1, 2)
+
+
 def _check_cancel(cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled("prediction cancelled")
@@ -113,7 +127,7 @@ class Predictor:
             CUDA); a failure is a clear error.
 
     Attributes: ``class_names`` (C names), ``plans`` (the run's plans dict), ``model``,
-    ``device``, ``patch_size`` (T, H, W), ``in_channels``.
+    ``device``, ``patch_size`` (T, H, W), ``in_channels``, ``mirror_axes`` (what ``tta`` mirrors).
     """
 
     def __init__(self, run_dir_or_checkpoint: str | Path, *, device: str | torch.device = "auto",
@@ -134,6 +148,7 @@ class Predictor:
         self.class_names: list[str] = [str(n) for n in ckpt["class_names"]]
         self.amp = autocast_dtype(self.device, amp, cpu_bf16=True)
         self.patch_size = tuple(int(p) for p in self.model.patch_size)
+        self.mirror_axes = tta_mirror_axes(ckpt)
         self.in_channels = int(self.plans.get("in_channels", len(self.plans["normalization"])))
         if query_chunk == "auto":
             query_chunk = CPU_QUERY_CHUNK if self.device.type == "cpu" else None
@@ -178,7 +193,9 @@ class Predictor:
         Args:
             volume: (Z, Y, X) or (C, Z, Y, X) intensities as read (not normalised), C = the run's channels.
             spacing: (sz, sy, sx) in mm.
-            tta: average the 8 mirrored copies of each window (8× slower).
+            tta: average each window's mirrored copies along :attr:`mirror_axes`, the axes the run
+                was trained to mirror (all three: 8 passes, 8× slower; none after ``--augmentation
+                no-mirror``, whose labels name a side: then one pass).
             step_size: window step as a fraction of the patch, in (0, 1]; 0.5 = half-overlapping windows.
             batch_size: windows per network call.
             return_probabilities: also return per-class probabilities (C, Z, Y, X).
@@ -204,7 +221,7 @@ class Predictor:
         _check_cancel(cancel)
         yield Progress(0, total, 0.0)
         windows = sliding_window(pre.to(on), self._scores, self.patch_size, overlap=overlap, batch_size=batch_size,
-                                 mirror_axes=(0, 1, 2) if tta else (), device=self.device, accumulate_on=on)
+                                 mirror_axes=self.mirror_axes if tta else (), device=self.device, accumulate_on=on)
         # CPU: keep freed memory for the next window (see reuse_freed_memory), handed back at the end
         with reuse_freed_memory(self.device.type == "cpu"):
             try:

@@ -163,28 +163,37 @@ def build_vit_backbone(
 
 
 def build_lite_backbone(*, image_size: int = 256) -> SamBackbone:
-    """LiteMedSAM: a TinyViT image encoder with SAM's prompt encoder and mask decoder."""
+    """LiteMedSAM: a TinyViT image encoder with SAM's prompt encoder and mask decoder.
+
+    LiteMedSAM was trained on 256x256 slices; TinyViT has no absolute position
+    embedding (only biases within its attention windows), so the same weights
+    run on any slice side that is a multiple of 64 (embedding side ``image_size / 4``).
+    Smaller slices pay where scans are small: a 3 mm abdominal CT slice of
+    101x122 voxels fits 128x128, a quarter of the work of 256x256.
+    """
     from .tiny_vit import build_lite_image_encoder
 
-    if image_size != 256:
+    if image_size % 64 or image_size < 64:
         raise ModelError(
-            f"the lite backbone (LiteMedSAM) takes 256x256 slices, not {image_size}x{image_size}"
+            f"the lite backbone (LiteMedSAM) takes slices whose side is a multiple of 64 "
+            f"(256 as trained, or 64, 128, 192, 320, ...), not {image_size}x{image_size}"
         )
-    encoder = build_lite_image_encoder()
+    embedding = image_size // 4
+    encoder = build_lite_image_encoder(img_size=image_size)
     prompt_encoder, mask_decoder = build_prompt_and_decoder(
-        prompt_dim=256, embedding_size=64, image_size=256
+        prompt_dim=256, embedding_size=embedding, image_size=image_size
     )
-    # TinyViT stages (deepest first): 320@64², 160@64², 128@128², 64@256².
+    # TinyViT stages (deepest first), at 256x256: 320@64², 160@64², 128@128², 64@256².
     return SamBackbone(
         name="lite",
         kind="tiny_vit",
         image_encoder=encoder,
         prompt_encoder=prompt_encoder,
         mask_decoder=mask_decoder,
-        image_size=256,
-        embedding_size=64,
+        image_size=image_size,
+        embedding_size=embedding,
         feature_channels=(320, 160, 128, 64),
-        feature_sizes=(64, 64, 128, 256),
+        feature_sizes=(embedding, embedding, image_size // 2, image_size),
         pixel_mean=(0.0, 0.0, 0.0),
         pixel_std=(255.0, 255.0, 255.0),
     )

@@ -338,15 +338,18 @@ class TinyViT(nn.Module):
         return self.forward_features(x)[0]
 
 
-def build_lite_image_encoder() -> TinyViT:
+def build_lite_image_encoder(*, img_size: int = 256) -> TinyViT:
     """The LiteMedSAM image encoder (5.74M parameters, random init); load ``image_encoder.*`` weights strictly.
+
+    ``img_size``: slice side (LiteMedSAM was trained at 256; the weights fit any side, see
+    :func:`masksam_core.modeling.backbone.build_lite_backbone`).
 
     Its convolution weights are channel-last (``torch.channels_last``; loading weights keeps that):
     the attention stages hand their convolutions channel-last tokens, and oneDNN's CPU kernels then
     skip the layout conversions (the encoder runs about 18% faster in bf16 and 8% in fp32 on
     2 AVX-512 cores; same results to float rounding, tested).
     """
-    return TinyViT(img_size=256, in_chans=3, embed_dims=(64, 128, 160, 320), depths=(2, 2, 6, 2),
+    return TinyViT(img_size=img_size, in_chans=3, embed_dims=(64, 128, 160, 320), depths=(2, 2, 6, 2),
                    num_heads=(2, 4, 5, 10), window_sizes=(7, 7, 14, 7), mlp_ratio=4.0,
                    mbconv_expand_ratio=4.0, local_conv_size=3, downsample_strides=(2, 2, 1),
                    ).to(memory_format=torch.channels_last)

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         time_limit=args.time_limit, num_workers=args.num_workers, grad_checkpointing=args.grad_checkpointing,
         compile=args.compile,
         patch_size=tuple(args.patch_size) if args.patch_size else None, num_queries=args.num_queries,
-        augmentation=args.augmentation, cache_dir=args.cache_dir,
+        sam_image_size=args.sam_image_size, augmentation=args.augmentation, cache_dir=args.cache_dir,
     )
     trainer = Trainer(config)
     signals: list[int] = []
@@ -150,6 +150,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="torch.compile the network: a slow first step, then faster ones on GPUs "
                         "(on CPUs it does not pay)")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("T", "H", "W"), help="override the preset's patch size")
+    p.add_argument("--sam-image-size", type=int, metavar="S",
+                   help="side of each slice as SAM sees it (default: the preset's, scaled with --patch-size: "
+                        "lite with --patch-size 4 128 128 runs LiteMedSAM at 128x128)")
     p.add_argument("--num-queries", type=int, help="override the preset's number of queries")
     p.add_argument("--augmentation", choices=list(AUGMENTATIONS),
                    help="training augmentation (default: full): " + "; ".join(f"{k}: {v}" for k, v in AUGMENTATIONS.items()))

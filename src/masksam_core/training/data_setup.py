@@ -84,6 +84,9 @@ def _plans(config: Any, spec: Any, out: Path, plans: dict[str, Any] | None,
     if dist.is_main():
         plans = make_plans(spec, fingerprint_dataset(spec, progress=True), config.preset)
         plans["patch_size"] = list(patch_size)
+        # the axes test-time augmentation may mirror: those the model learned to be mirror-invariant
+        # on (nnU-Net's inference_allowed_mirroring_axes); none after --augmentation no-mirror
+        plans["mirror_axes"] = list(augmentation_settings(config.augmentation)[1])
         out.mkdir(parents=True, exist_ok=True)
         save_plans(plans, plans_path)
     dist.barrier()

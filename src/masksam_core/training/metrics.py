@@ -59,7 +59,9 @@ def validate(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_n
         scores = run_windows(sliding_window(volume, predictor, model.patch_size, device=device,
                                             accumulate_on="cpu", batch_size=1))
         dices.append(dice_per_class(scores.argmax(0).numpy(), np.asarray(labels), c))
-    per_class = np.nanmean(np.array(dices, dtype=np.float64), axis=0)
+    table = np.array(dices, dtype=np.float64)
+    present = np.isfinite(table).sum(axis=0)
+    per_class = np.where(present > 0, np.nansum(table, axis=0) / np.maximum(present, 1), np.nan)
     result: dict[str, Any] = {
         "val_dice": {class_names[i]: (None if np.isnan(d) else float(d)) for i, d in enumerate(per_class) if i > 0}}
     fg = per_class[1:]

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ class TrainConfig:
     compile: bool = False
     patch_size: tuple[int, int, int] | None = None
     num_queries: int | None = None
+    sam_image_size: int | None = None  # None: the preset's, scaled with patch_size (see slice_size)
     augmentation: str | None = None
     cache_dir: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -81,6 +82,18 @@ class TrainEvent:
     lr: float = float("nan")
     metrics: dict[str, Any] | None = None
     message: str = ""
+
+
+def slice_size(preset: Any, patch_size: Sequence[int] | None, sam_image_size: int | None) -> int:
+    """The side of each slice as SAM sees it: ``sam_image_size`` when given, else the preset's,
+    scaled by the patch's in-plane size over the preset's (a smaller patch keeps the preset's
+    upsampling: ``lite`` with 4x128x128 patches runs LiteMedSAM at 128x128, ``acdc`` with
+    128x128 patches runs SAM at 512x512)."""
+    if sam_image_size is not None:
+        return int(sam_image_size)
+    if patch_size is None:
+        return int(preset.sam_image_size)
+    return int(round(preset.sam_image_size * int(patch_size[1]) / preset.patch_size[1]))
 
 
 def poly_lr(base_lr: float, epoch: int, max_epochs: int, exponent: float = 0.9) -> float:
@@ -106,6 +119,10 @@ class Trainer:
         overrides = dict(c.overrides)
         if c.patch_size is not None:
             overrides["patch_size"] = tuple(c.patch_size)
+        preset = get_preset(c.preset)
+        side = slice_size(preset, overrides.get("patch_size"), c.sam_image_size)
+        if "sam_image_size" not in overrides and side != preset.sam_image_size:
+            overrides["sam_image_size"] = side
         if c.num_queries is not None:
             overrides["num_queries"] = c.num_queries
         return overrides
@@ -170,7 +187,8 @@ class Trainer:
             config = dict(saved.get("config") or {})  # the model's settings as built, the rest as configured
             config.update(preset=preset.name, prompt_mode=build["prompt_mode"],
                           patch_size=build["overrides"].get("patch_size", preset.patch_size),
-                          num_queries=build["overrides"].get("num_queries", preset.num_queries))
+                          num_queries=build["overrides"].get("num_queries", preset.num_queries),
+                          sam_image_size=build["overrides"].get("sam_image_size", preset.sam_image_size))
             self.config = ckpt_io.resolve_config(c, config)
             done, total = int(saved["epoch"]), int(saved["scheduler"]["max_epochs"])
             if c.epochs is not None and c.epochs < done:
