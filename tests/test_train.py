@@ -438,3 +438,23 @@ def test_a_smaller_patch_scales_the_slice_sam_sees(phantom, tmp_path):
     assert ckpt["epoch"] == 2 and model.sam.image_size == 32
     rc, _, err = finish(command(phantom, run, "--resume", "--epochs", "3", "--sam-image-size", "64"), tmp_path / "log3")
     assert rc != 0 and "--sam-image-size 32" in err and "Traceback" not in err
+
+
+def test_validation_of_classes_absent_everywhere_is_none_without_warnings():
+    """A class missing from every held-out volume (and not predicted) scores None, quietly."""
+    import warnings
+
+    from masksam_core.modeling import build_model
+    from masksam_core.training.metrics import validate
+
+    torch.manual_seed(0)
+    model = build_model("tiny", pretrained=False, num_classes=3, patch_size=(2, 32, 32))
+    image = np.zeros((1, 2, 32, 32), np.float32)
+    labels = np.zeros((2, 32, 32), np.int16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = validate(model, [(image, labels)], ["background", "a", "b"], torch.device("cpu"), None)
+    # a constant image gives one label everywhere: whatever it is, a and b score 0 (predicted, absent) or None
+    assert set(result["val_dice"]) == {"a", "b"}
+    assert all(v is None or v == 0.0 for v in result["val_dice"].values())
+    assert result["val_mean_dice"] == 0.0

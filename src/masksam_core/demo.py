@@ -214,7 +214,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                                                        f"(default: {DEMO_MODEL})")
     p.add_argument("--device", default="auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N (default: auto)")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=AMP_HELP + " (default: auto)")
-    p.add_argument("--tta", action="store_true", help="average the mirrored passes (8x slower; the bundled model is trained without mirroring: one pass)")
+    p.add_argument("--tta", action="store_true", help="average the 8 mirrored passes (8x slower; one pass for models trained "
+                        "with --augmentation no-mirror)")
     p.add_argument("--step-size", type=float, default=1.0,
                    help="window step as a fraction of the patch (default: 1.0, windows side by side; 0.5 = "
                         "half-overlapping as `predict` does, about 2x slower)")

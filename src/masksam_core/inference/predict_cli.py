@@ -317,7 +317,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         help="segment scans with a trained run",
         description=(
             "Segment an image file or a folder of images with a trained run: the run's preprocessing, "
-            "half-overlapping sliding windows with Gaussian weighting and 8 mirrored passes (--no-tta: one; a run trained with --augmentation no-mirror: one), "
+            "half-overlapping sliding windows with Gaussian weighting and 8 mirrored passes (--no-tta, or a run "
+            "trained with --augmentation no-mirror: one), "
             "results resampled back to each input's grid. Writes OUT_DIR/{case}.nii.gz ({case}.tif for TIFF "
             "input) with the input's geometry and {case}.classes.json; cases already done are skipped. Folders: "
             "nnU-Net naming {case}_0000.nii.gz (channels {case}_0001, ...), plain {case}.nii.gz/.tif, or DICOM "
