@@ -13,7 +13,8 @@ Run/Start buttons, waiting in the Qt event loop until the job ends):
 
 * ``napari_reader.png``: the sample CT and its organ labels (at opacity 0.5);
 * ``napari_train.png``: the ``tiny`` preset trained on the open layers (3 epochs x 30 iterations);
-* ``napari_segment.png``: that run segmenting the CT (no mirroring, step size 0.5);
+* ``napari_segment.png``: the bundled model ``abdomen-ct-lite`` (the widget's default) segmenting the CT
+  (no mirroring, step size 0.5), or the run given by ``--segment-run``;
 * ``napari_box_prompt.png``: LiteMedSAM (``lite``) on rectangles around the spleen and the right kidney,
   over 5 slices.
 
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder with the training run")
     parser.add_argument("--segment-run", type=Path, default=None, metavar="RUN",
-                        help="segment with this run folder (e.g. a fully trained model) instead of the run just "
+                        help="segment with this run folder or model file instead of the bundled model "
                         "trained")
     return parser.parse_args(argv)
 
@@ -181,13 +182,15 @@ def train_step(shot: Shooter, runs: Path, device: str, epochs: int, iters: int) 
     return run
 
 
-def segment_step(shot: Shooter, image: Any, labels: Any, run: Path, device: str, step_size: float) -> None:
-    """Segment the CT with ``run``, the first model of the widget's list; screenshot of the result on the
-    slice where it marks the most voxels, with the sample's labels as outlines."""
+def segment_step(shot: Shooter, image: Any, labels: Any, model: str, device: str, step_size: float) -> None:
+    """Segment the CT with ``model`` (a value of the widget's model list); screenshot of the result on
+    the slice where it marks the most voxels, with the sample's labels as outlines."""
     _, widget = shot.dock("Segment (MaskSAM)")
     widget.image.value = image
-    if widget.model.value != str(run.resolve()):
-        sys.exit(f"{run} is not the Segment widget's first model: {widget.model.combo.choices}")
+    matching = [c for c in widget.model.combo.choices if str(c) == model]
+    if not matching:
+        sys.exit(f"{model} is not in the Segment widget's model list: {widget.model.combo.choices}")
+    widget.model.value = matching[0]
     widget.device.value = device
     widget.tta.value = False
     widget.step_size.value = step_size
@@ -273,13 +276,17 @@ def main(argv: list[str] | None = None) -> None:
     shot = Shooter(args.out, tuple(args.size))
     try:
         image, labels = reader_step(shot)
-        run = train_step(shot, work / "runs", args.device, epochs, iters)
+        train_step(shot, work / "runs", args.device, epochs, iters)
         if args.segment_run is not None:
             from napari_masksam import _models
 
             _models.add_run(args.segment_run)  # as Browse... in the Segment widget does
-            run = args.segment_run
-        segment_step(shot, image, labels, run, args.device, 1.0 if args.quick else 0.5)
+            model = str(args.segment_run.expanduser().resolve())
+        else:
+            from masksam_core.models import bundled_models
+
+            model = str(bundled_models()["abdomen-ct-lite"])  # the widget's default
+        segment_step(shot, image, labels, model, args.device, 1.0 if args.quick else 0.5)
         box_step(shot, image, labels, args.device, 0 if args.quick else 2)
     finally:
         shot.viewer.close()
