@@ -18,8 +18,10 @@
 #             then synapse and lite with --compile (at most 7 min)
 #   memory    benchmarks/run.py --parts train for acdc, synapse and amos with --grad-checkpointing:
 #             training step time and peak memory against the 24/48 GiB targets (at most 3 min)
-#   train     masksam-core train of the lite preset on the sample CT (EPOCHS epochs of 100 iterations,
-#             default 7, about 45 s each on an H200; TIME_LIMIT minutes at most, default 6), export to
+#   train     masksam-core train of the lite preset on the sample CT with the bundled model's recipe
+#             (4x128x128 patches, the last 10% of slices held out, no mirroring; EPOCHS epochs of 100
+#             iterations, default 7, 45 s each at 256x256 on an H200, less at 128x128; TIME_LIMIT minutes
+#             at most, default 6), export to
 #             OUT/abdomen-ct-lite.pt, the demo on the GPU with it (labels, montage, Dice table)
 #             (at most 9.5 min)
 #
@@ -94,8 +96,9 @@ run_memory() {
 run_train() {
     local epochs=${EPOCHS:-7} run="$OUT/abdomen_ct_lite"
     step train $(((${TIME_LIMIT:-6} + 1) * 60)) python3 -m masksam_core train "$GPU_DIR/Dataset501_AbdomenCT" \
-        --preset lite --out "$run" --epochs "$epochs" --iters-per-epoch 100 --val-every 1 \
-        --augmentation no-mirror --num-workers 10 --seed 0 --device cuda --time-limit "${TIME_LIMIT:-6}"
+        --preset lite --patch-size 4 128 128 --out "$run" --epochs "$epochs" --iters-per-epoch 100 \
+        --val-fraction 0.1 --val-every 1 --augmentation no-mirror --num-workers 10 --seed 0 --device cuda \
+        --time-limit "${TIME_LIMIT:-6}"
     cp "$run/metrics.jsonl" "$run/curves.png" "$OUT/" 2>/dev/null
     step export 60 python3 -m masksam_core export "$run" -o "$OUT/abdomen-ct-lite.pt" || return 1
     step demo 90 python3 -m masksam_core demo --out "$OUT/demo" --device cuda --model "$OUT/abdomen-ct-lite.pt"
