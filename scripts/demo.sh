@@ -11,6 +11,15 @@ cd "$REPO_ROOT"
 
 masksam_setup_venv
 
+out=masksam_demo  # the demo's own default; an --out among the arguments wins, as in argparse
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+        --out) out="${args[i + 1]:-$out}" ;;
+        --out=*) out="${args[i]#--out=}" ;;
+    esac
+done
+
 masksam_log "masksam-core demo --out masksam_demo $*"
 masksam-core demo --out masksam_demo "$@"
-masksam_log "Demo finished: see masksam_demo/montage.png and masksam_demo/dice.md"
+masksam_log "Demo finished: see $out/montage.png and $out/dice.md"
