@@ -56,8 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder with the training run")
     parser.add_argument("--segment-run", type=Path, default=None, metavar="RUN",
-                        help="segment with this run folder or model file instead of the bundled model "
-                        "trained")
+                        help="segment with this run folder or model file instead of the bundled model")
     return parser.parse_args(argv)
 
 

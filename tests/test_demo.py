@@ -99,7 +99,8 @@ def test_bundled_model_finds_liver_and_spleen_where_the_untrained_model_does_not
             scores.append(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
         return scores
 
-    (trained_liver, trained_spleen), (base_liver, base_spleen) = dice("abdomen-ct-lite"), dice(tmp_path / "untrained.pt")
+    trained_liver, trained_spleen = dice("abdomen-ct-lite")
+    base_liver, base_spleen = dice(tmp_path / "untrained.pt")
     assert trained_liver > 0.85 and trained_liver > base_liver + 0.5, (trained_liver, base_liver)
     assert trained_spleen > 0.6 and trained_spleen > base_spleen + 0.4, (trained_spleen, base_spleen)
 
