@@ -56,6 +56,45 @@ def test_demo_writes_labels_montage_and_dice_table(small_sample, tmp_path, capsy
     assert "--overwrite" in capsys.readouterr().err and (out / "dice.csv").read_bytes() == before
 
 
+def test_demo_scores_the_held_out_slices_of_a_model_trained_on_the_sample(small_sample, tmp_path, capsys):
+    run = write_tiny_run(tmp_path / "run")
+    ckpt = torch.load(run / "checkpoint_last.pt", weights_only=False)
+    ckpt["config"] = {"dataset": "/data/Dataset501_AbdomenCT", "val_fraction": 0.5, "val_cases": []}
+    torch.save(ckpt, run / "checkpoint_last.pt")
+    out = tmp_path / "demo"
+    result = demo.run_demo(out, model=run, device="cpu")
+    assert result["held_out_slices"] == (3, 6)  # the last half of the 6-slice sample
+    pred, _ = read_image(out / demo.OUTPUTS[0])
+    truth, _ = read_image(demo.sample_paths()[1])
+    pred, truth = np.asarray(pred)[3:], np.asarray(truth).astype(np.int64)[3:]
+    rows = {line.split(",")[0]: line.split(",") for line in (out / "dice.csv").read_text().splitlines()}
+    assert rows["organ"] == ["organ", "dice", "hd95_mm", "dice_held_out"]
+    scored = []  # Dice of the organs present on those slices in either map; absent ones show "–"
+    names = ["background", "object", "other", *demo.SAMPLE_CLASSES[3:]]  # the run's classes, then the sample's
+    for value, name in enumerate(names):
+        if name not in rows:
+            continue
+        a, b = pred == value, truth == value
+        if a.any() or b.any():
+            scored.append(2 * (a & b).sum() / (a.sum() + b.sum()))
+        assert rows[name][3] == (f"{scored[-1]:.3f}" if a.any() or b.any() else "–"), name
+    assert scored and rows["mean"][3] == f"{np.mean(scored):.3f}"
+    md = (out / "dice.md").read_text()
+    assert "| Dice on slices 3–5 (held out) |" in md and "trained on this CT, on slices 0–2" in md
+
+
+def test_held_out_slices_follow_the_trainers_split():
+    config = {"dataset": "Dataset501_AbdomenCT", "val_fraction": 0.1, "val_cases": []}
+    assert demo.held_out_slices(config, 112) == (101, 112)  # the bundled model's slab
+    assert demo.held_out_slices({**config, "val_cases": ["abdct_001"]}, 112) is None
+    assert demo.held_out_slices({**config, "val_fraction": 0}, 112) is None
+    assert demo.held_out_slices({**config, "dataset": "Dataset777_Mine"}, 112) is None
+    assert demo.held_out_slices({}, 112) is None
+    # trained on the sample without a held-out slab: the scores are said to be on training data
+    assert "trained on this CT" in demo._sample_note("m.pt", {**config, "val_fraction": 0}, None)
+    assert demo._sample_note("m.pt", {}, None) == ""
+
+
 def test_montage_draws_the_labels_in_colour(tmp_path):
     image = np.full((5, 40, 30), -1000.0)
     labels = np.zeros((5, 40, 30), np.int64)

@@ -6,7 +6,10 @@ Writes to ``OUT_DIR``:
   and ``abdomen_ct_labels_pred.classes.json``: its class names;
 * ``montage.png``: axial, coronal and sagittal views through the centre of the organs, the CT in
   greys with the predicted organs in colour and a legend;
-* ``dice.csv`` and ``dice.md``: Dice and HD95 (mm) per organ against the sample's labels.
+* ``dice.csv`` and ``dice.md``: Dice and HD95 (mm) per organ against the sample's labels. For a model
+  trained on the sample's own data set (such as the bundled one) they say so, and where its training
+  held out the last slices (``--val-fraction``), a second Dice column scores those slices alone: only
+  that column measures the model on data it did not see.
 
 The sample CT and its labels ship in ``masksam_core/assets`` (see its README.md: TotalSegmentator's
 example CT, Apache-2.0, silver-standard labels).
@@ -34,6 +37,8 @@ IMAGE_FILE, LABELS_FILE = "abdomen_ct.nii.gz", "abdomen_ct_labels.nii.gz"
 SAMPLE_CLASSES = ("background", "spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas",
                   "aorta")
 """Class names of the sample labels, index = label value."""
+SAMPLE_DATASET = "Dataset501_AbdomenCT"
+"""The data set (nnU-Net layout) whose one case is the sample CT and its labels (docs/training.md)."""
 
 
 def sample_paths() -> tuple[Path, Path]:
@@ -119,19 +124,70 @@ def montage(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, 
     return path
 
 
-def _dice_table(scores: dict[int, dict[str, Any]], class_names: list[str]) -> tuple[str, str]:
-    rows = [(class_names[c] if c < len(class_names) else str(c), s["dice"], s["hd95"]) for c, s in scores.items()]
-    dices = [d for _, d, _ in rows if d is not None and np.isfinite(d)]
-    mean = float(np.mean(dices)) if dices else float("nan")
+def held_out_slices(config: dict[str, Any], depth: int) -> tuple[int, int] | None:
+    """The slices ``[start, depth)`` of the sample that a model trained with ``config`` (its
+    ``masksam-core train`` settings) held out, when it was trained on the sample's data set with
+    ``--val-fraction`` and no ``--val-cases``; else None. The trainer holds out the last
+    ``round(depth * fraction)`` slices of a single case (the sample is at its plans' 3 mm, so its
+    preprocessed slices are these)."""
+    fraction = float(config.get("val_fraction") or 0.0)
+    if not trained_on_sample(config) or config.get("val_cases") or not 0 < fraction < 1:
+        return None
+    start = int(round(depth * (1 - fraction)))
+    return (start, depth) if 0 < start < depth else None
 
-    def fmt(v: Any) -> str:
-        return "–" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
-    csv = "organ,dice,hd95_mm\n" + "".join(f"{n},{fmt(d)},{fmt(h)}\n" for n, d, h in rows) + f"mean,{fmt(mean)},\n"
-    md = "| organ | Dice | HD95 (mm) |\n|---|---|---|\n" + "".join(f"| {n} | {fmt(d)} | {fmt(h)} |\n"
-                                                              for n, d, h in rows)
-    md += f"| **mean** | **{fmt(mean)}** | |\n"
+def trained_on_sample(config: dict[str, Any]) -> bool:
+    """Whether ``config`` (``masksam-core train`` settings) trained on the sample's data set."""
+    return Path(str(config.get("dataset") or "")).name == SAMPLE_DATASET
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
+
+def _mean(values: list[Any]) -> float:
+    kept = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
+def _dice_table(scores: dict[int, dict[str, Any]], class_names: list[str],
+                held_out: dict[int, dict[str, Any]] | None = None, slab: tuple[int, int] | None = None,
+                note: str = "") -> tuple[str, str]:
+    """CSV and Markdown tables of Dice and HD95 per class, with a column of Dice on the held-out slab
+    (``held_out``, same class keys) when given, and ``note`` below the Markdown table. A class absent
+    from both label maps shows "–" and is left out of the mean (evaluation.EMPTY_RULE)."""
+    def kept(score: dict[str, Any], key: str) -> Any:  # absent from both maps: "–", left out of the mean
+        return None if score.get("absent") else score[key]
+
+    names = [class_names[c] if c < len(class_names) else str(c) for c in scores]
+    columns = [("dice", "Dice", [kept(scores[c], "dice") for c in scores], True),
+               ("hd95_mm", "HD95 (mm)", [kept(scores[c], "hd95") for c in scores], False)]
+    if held_out is not None:
+        start, stop = slab or (0, 0)
+        columns.append(("dice_held_out", f"Dice on slices {start}–{stop - 1} (held out)",
+                        [kept(held_out[c], "dice") for c in scores], True))
+    rows = [[n, *(_fmt(values[i]) for _, _, values, _ in columns)] for i, n in enumerate(names)]
+    means = [_fmt(_mean(values)) if averaged else "" for _, _, values, averaged in columns]
+    csv = "".join(",".join(row) + "\n" for row in [["organ", *(key for key, *_ in columns)], *rows, ["mean", *means]])
+    md = "| organ | " + " | ".join(title for _, title, *_ in columns) + " |\n|" + "---|" * (len(columns) + 1) + "\n"
+    md += "".join("| " + " | ".join(row) + " |\n" for row in rows)
+    md += "| **mean** | " + " | ".join(f"**{m}**" if m else "" for m in means) + " |\n"
+    if note:
+        md += f"\n{note}\n"
     return csv, md
+
+
+def _sample_note(model: str | os.PathLike, config: dict[str, Any], slab: tuple[int, int] | None) -> str:
+    name = Path(str(model)).name
+    if slab is not None:
+        return (f"{name} was trained on this CT, on slices 0–{slab[0] - 1}; slices {slab[0]}–{slab[1] - 1} "
+                "were held out. Only the last column scores it on slices it did not see (an organ absent from "
+                "them scores 0 where it is wrongly found there, – where it is not, left out of the mean); "
+                "expect less on other scans.")
+    if trained_on_sample(config):
+        return f"{name} was trained on this CT: these scores do not measure it on scans it did not see."
+    return ""
 
 
 def demo_iter(out: str | os.PathLike, *, model: str | os.PathLike = DEMO_MODEL, device: str = "auto",
@@ -163,13 +219,20 @@ def demo_iter(out: str | os.PathLike, *, model: str | os.PathLike = DEMO_MODEL, 
     scores = case_scores(prediction.labels, truth, geometry.spacing, class_ids=ids)
     table_names = names + [SAMPLE_CLASSES[i] if i < len(SAMPLE_CLASSES) else str(i)
                            for i in range(len(names), ids[-1] + 1)]
-    csv, md = _dice_table(scores, table_names)
+    slab = held_out_slices(predictor.training_config, truth.shape[0])
+    held = None
+    if slab is not None:
+        part = slice(*slab)
+        held = case_scores(prediction.labels[part], truth[part], geometry.spacing, class_ids=ids)
+    csv, md = _dice_table(scores, table_names, held, slab, _sample_note(model, predictor.training_config, slab))
     for name, text in ((OUTPUTS[3], csv), (OUTPUTS[4], md)):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, out / name)
     return {"outputs": {name: out / name for name in OUTPUTS},
-            "dice": {table_names[c]: s["dice"] for c, s in scores.items()}, "table": md}
+            "dice": {table_names[c]: s["dice"] for c, s in scores.items()},
+            "dice_held_out": None if held is None else {table_names[c]: s["dice"] for c, s in held.items()},
+            "held_out_slices": slab, "table": md}
 
 
 def run_demo(out: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:

@@ -88,6 +88,12 @@ def count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) ->
     return math.prod(len(window_starts(max(n, p), p, overlap)) for n, p in zip(shape, patch))
 
 
+def training_config(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The ``masksam-core train`` settings of a run checkpoint (``config``) or model file
+    (``summary.config``); empty when the file has none."""
+    return dict(ckpt.get("config") or (ckpt.get("summary") or {}).get("config") or {})
+
+
 def tta_mirror_axes(ckpt: dict[str, Any]) -> tuple[int, ...]:
     """The axes test-time augmentation may mirror for a run or model file: those it was trained to be
     mirror-invariant on (its plans' ``mirror_axes``; else its training config's ``--augmentation``;
@@ -96,8 +102,7 @@ def tta_mirror_axes(ckpt: dict[str, Any]) -> tuple[int, ...]:
 
     if "mirror_axes" in ckpt["plans"]:
         return tuple(int(a) for a in ckpt["plans"]["mirror_axes"])
-    config = ckpt.get("config") or (ckpt.get("summary") or {}).get("config") or {}
-    level = config.get("augmentation")
+    level = training_config(ckpt).get("augmentation")
     return augmentation_settings(level)[1] if level in AUGMENTATIONS else (0, 1, 2)
 
 
@@ -127,7 +132,8 @@ class Predictor:
             CUDA); a failure is a clear error.
 
     Attributes: ``class_names`` (C names), ``plans`` (the run's plans dict), ``model``,
-    ``device``, ``patch_size`` (T, H, W), ``in_channels``, ``mirror_axes`` (what ``tta`` mirrors).
+    ``device``, ``patch_size`` (T, H, W), ``in_channels``, ``mirror_axes`` (what ``tta`` mirrors),
+    ``training_config`` (the run's ``masksam-core train`` settings; empty when unknown).
     """
 
     def __init__(self, run_dir_or_checkpoint: str | Path, *, device: str | torch.device = "auto",
@@ -149,6 +155,7 @@ class Predictor:
         self.amp = autocast_dtype(self.device, amp, cpu_bf16=True)
         self.patch_size = tuple(int(p) for p in self.model.patch_size)
         self.mirror_axes = tta_mirror_axes(ckpt)
+        self.training_config: dict[str, Any] = training_config(ckpt)  # how the run was trained, if known
         self.in_channels = int(self.plans.get("in_channels", len(self.plans["normalization"])))
         if query_chunk == "auto":
             query_chunk = CPU_QUERY_CHUNK if self.device.type == "cpu" else None
