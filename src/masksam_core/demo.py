@@ -127,13 +127,15 @@ def montage(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, 
 def held_out_slices(config: dict[str, Any], depth: int) -> tuple[int, int] | None:
     """The slices ``[start, depth)`` of the sample that a model trained with ``config`` (its
     ``masksam-core train`` settings) held out, when it was trained on the sample's data set with
-    ``--val-fraction`` and no ``--val-cases``; else None. The trainer holds out the last
-    ``round(depth * fraction)`` slices of a single case (the sample is at its plans' 3 mm, so its
+    ``--val-fraction`` and no ``--val-cases``; else None. The slab is the trainer's own
+    (:func:`~masksam_core.training.data_setup.slab_start`; the sample is at its plans' 3 mm, so its
     preprocessed slices are these)."""
+    from .training.data_setup import slab_start
+
     fraction = float(config.get("val_fraction") or 0.0)
     if not trained_on_sample(config) or config.get("val_cases") or not 0 < fraction < 1:
         return None
-    start = int(round(depth * (1 - fraction)))
+    start = slab_start(depth, fraction)
     return (start, depth) if 0 < start < depth else None
 
 

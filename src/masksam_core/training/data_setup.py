@@ -46,12 +46,17 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def slab_start(depth: int, fraction: float) -> int:
+    """First slice of the held-out slab of a single case of ``depth`` slices: the last ``fraction``."""
+    return int(round(depth * (1 - fraction)))
+
+
 def _slab_split(case: PreprocessedCase, fraction: float, folder: Path, num_classes: int) -> tuple[CaseFiles, tuple]:
     """Split one preprocessed case along Z: the first part trains, the last ``fraction`` validates."""
     image = np.load(case.image, mmap_mode="r")
     labels = np.load(case.labels, mmap_mode="r")
     z = image.shape[1]
-    cut = int(round(z * (1 - fraction)))
+    cut = slab_start(z, fraction)
     if cut < 1 or cut >= z:
         raise MaskSAMError(f"case {case.id} has {z} slices: too few to hold out {fraction:.0%} for validation; "
                            "pass --val-fraction 0 or add cases")
