@@ -458,3 +458,22 @@ def test_validation_of_classes_absent_everywhere_is_none_without_warnings():
     assert set(result["val_dice"]) == {"a", "b"}
     assert all(v is None or v == 0.0 for v in result["val_dice"].values())
     assert result["val_mean_dice"] == 0.0
+
+
+def test_curves_keep_zero_dice_and_leave_absent_classes_as_gaps(tmp_path):
+    from masksam_core.training.metrics import curve_series, write_curves
+
+    rows = [
+        {"epoch": 1, "loss": 2.0, "loss_ce": 1.5, "val_dice": {"liver": 0.0, "spleen": None}, "val_mean_dice": 0.0},
+        {"epoch": 2, "loss": 1.0, "loss_ce": 0.5, "val_dice": {"liver": 0.8, "spleen": 0.0}, "val_mean_dice": 0.4},
+    ]
+    losses, dice = curve_series(rows)
+    assert losses == {"loss": [2.0, 1.0], "loss_ce": [1.5, 0.5]}
+    assert list(dice) == ["liver", "spleen", "mean"]
+    assert dice["liver"] == [0.0, 0.8] and dice["mean"] == [0.0, 0.4]
+    assert np.isnan(dice["spleen"][0]) and dice["spleen"][1] == 0.0
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_curves(metrics, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.jsonl"]  # no temporary left

@@ -69,6 +69,26 @@ def validate(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_n
     return result
 
 
+def _value(x: Any) -> float:
+    """A metric for plotting: missing (None) is a gap (NaN); 0.0 stays 0.0."""
+    return np.nan if x is None else float(x)
+
+
+def curve_series(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """The curves of ``curves.png`` from ``metrics.jsonl`` rows: (loss terms, validation Dice).
+
+    Loss terms are the keys ``loss`` and ``loss_*`` of the last row; Dice curves are one per
+    class that any row names, then ``mean``. A value a row lacks (or records as None, a class
+    absent from the validation data) is NaN, a gap in the plot; a Dice of 0.0 stays 0.0.
+    """
+    losses = {k: [_value(r.get(k)) for r in rows] for k in rows[-1] if k == "loss" or k.startswith("loss_")}
+    names = sorted({n for r in rows for n in (r.get("val_dice") or {})})
+    dice = {n: [_value((r.get("val_dice") or {}).get(n)) for r in rows] for n in names}
+    if any("val_mean_dice" in r for r in rows):
+        dice["mean"] = [_value(r.get("val_mean_dice")) for r in rows]
+    return losses, dice
+
+
 def write_curves(metrics_path: Path, png_path: Path) -> None:
     """Plot loss terms and validation Dice per class against epochs (``curves.png``)."""
     import matplotlib
@@ -80,24 +100,24 @@ def write_curves(metrics_path: Path, png_path: Path) -> None:
     if not rows:
         return
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
-    keys = [k for k in rows[-1] if k == "loss" or k.startswith("loss_")]
-    for key in keys:
-        ax_loss.plot(epochs, [r.get(key, np.nan) for r in rows], label=key, lw=2 if key == "loss" else 1)
+    losses, dice = curve_series(rows)
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for key, values in losses.items():
+        ax_loss.plot(epochs, values, label=key, lw=2 if key == "loss" else 1)
     ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("loss (unweighted terms; 'loss' is the weighted total)")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("training loss: terms unweighted, 'loss' the weighted total", fontsize=9)
     ax_loss.set_yscale("log")
-    ax_loss.legend(fontsize=7)
-    names = sorted({n for r in rows for n in (r.get("val_dice") or {})})
-    for name in names:
-        ax_dice.plot(epochs, [((r.get("val_dice") or {}).get(name) or np.nan) for r in rows], label=name)
-    if any("val_mean_dice" in r for r in rows):
-        ax_dice.plot(epochs, [r.get("val_mean_dice", np.nan) for r in rows], "k", lw=2, label="mean")
+    ax_loss.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    for name, values in dice.items():
+        style = {"color": "k", "lw": 2} if name == "mean" else {}
+        ax_dice.plot(epochs, values, ".-", label=name, **style)
     ax_dice.set_xlabel("epoch")
-    ax_dice.set_ylabel("validation Dice")
-    ax_dice.set_ylim(0, 1)
-    if names:
-        ax_dice.legend(fontsize=7)
+    ax_dice.set_ylabel("Dice")
+    ax_dice.set_title("validation Dice per class (gaps: class absent)", fontsize=9)
+    ax_dice.set_ylim(-0.02, 1.02)
+    if dice:
+        ax_dice.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     tmp = png_path.with_name(f".{png_path.name}.tmp.png")
     fig.savefig(tmp, dpi=90)
