@@ -477,3 +477,16 @@ def test_curves_keep_zero_dice_and_leave_absent_classes_as_gaps(tmp_path):
     write_curves(metrics, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.jsonl"]  # no temporary left
+
+
+def test_patch_fit_note_suggests_the_smallest_halved_patch_that_holds_the_median_slice():
+    from masksam_core.training.data_setup import patch_fit_note
+
+    note = patch_fit_note((4, 256, 256), [112.0, 101.0, 122.0])  # the sample CT at 3 mm under lite's patch
+    assert "--patch-size 4 128 128" in note and "101x122" in note and "4x fewer" in note
+    assert "--patch-size 4 64 64" in patch_fit_note((4, 256, 256), [40.0, 60.0, 50.0])
+    assert patch_fit_note((4, 256, 256), [112.0, 129.0, 122.0]) == ""  # 128 would cut the slices
+    assert patch_fit_note((4, 256, 256), [112.0, 300.0, 300.0]) == ""
+    assert "--patch-size 9 64 64 " in patch_fit_note((9, 512, 512), [8.0, 10.0, 10.0])  # never below 64
+    assert patch_fit_note((4, 64, 64), [8.0, 10.0, 10.0]) == ""
+    assert patch_fit_note((4, 192, 192), [8.0, 10.0, 10.0]) == ""  # 96 is no multiple of 64 (lite needs one)

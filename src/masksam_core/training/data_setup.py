@@ -77,6 +77,27 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def patch_fit_note(patch_size: tuple[int, int, int], median_shape: Any) -> str:
+    """A hint when the patch's slices are far larger than the data's (median, after resampling).
+
+    Such patches are mostly padding and every slice goes through SAM at the patch's size, so a
+    smaller patch trains and predicts several times faster. The suggested side is the smallest
+    of the patch's side halved (1/2, 1/4, ...) that still holds the median slice and is a
+    multiple of 64, which every backbone takes. Empty when the patch fits.
+    """
+    t, h, _ = (int(v) for v in patch_size)
+    need = max(float(median_shape[1]), float(median_shape[2]))
+    side = h
+    while (side // 2) % 64 == 0 and side // 2 >= max(need, 64):
+        side //= 2
+    if side == h:
+        return ""
+    shape = "x".join(str(int(round(float(v)))) for v in median_shape[1:])
+    return (f"note: the patches are {h}x{h} in-plane but this data set's median slice is {shape} voxels after "
+            f"resampling, so most of each patch is padding. --patch-size {t} {side} {side} fits the data and "
+            f"runs {(h // side) ** 2}x fewer pixels through SAM per slice (SAM's input shrinks with it)")
+
+
 def _plans(config: Any, spec: Any, out: Path, plans: dict[str, Any] | None,
            patch_size: tuple[int, int, int]) -> dict[str, Any]:
     """The run's plans: given (resuming: the checkpoint's), else made and saved by rank 0, then read."""

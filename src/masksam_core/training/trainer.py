@@ -32,7 +32,7 @@ from ..modeling import build_model, gt_prompts
 from ..modeling.presets import get_preset
 from . import checkpoint as ckpt_io
 from . import distributed as dist
-from .data_setup import prepare_data
+from .data_setup import patch_fit_note, prepare_data
 from .metrics import validate, write_curves
 
 @dataclass
@@ -234,6 +234,9 @@ class Trainer:
         yield TrainEvent("setup", message=f"checking and preparing {c.dataset}")
         data = prepare_data(c, self.out, patch_size=self._patch_size(), plans=saved and saved["plans"])
         self._build(data, device, saved)
+        fit = patch_fit_note(self._patch_size(), data.plans["median_shape"])
+        if fit and saved is None and c.patch_size is None and "patch_size" not in c.overrides:
+            yield TrainEvent("setup", message=fit)
         start_epoch, start_iter, best, partial = 0, 0, -math.inf, None
         if saved is not None:
             start_epoch, start_iter, best, partial = self._resume(saved, rank, world)
