@@ -1,7 +1,7 @@
 """The MaskSAM benchmark suite: one command, on a CPU or a GPU, writing JSON and a Markdown table.
 
     python benchmarks/run.py                    # GPU: the full sizes below (bf16 autocast)
-    python benchmarks/run.py --quick            # CPU: small sizes, about 10 minutes on 2 cores
+    python benchmarks/run.py --quick            # CPU: small sizes, about a minute on 2 cores
     python benchmarks/run.py --parts predict --presets lite tiny --volume 64 256 256 --no-tta
 
 Writes ``benchmarks/results/suite_<device>.json`` and ``.md`` (``--out`` another folder) after every
