@@ -234,6 +234,13 @@ def test_2d_and_4d_images_are_rejected_with_their_shape(tmp_path):
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((16, 12, 3), np.uint8), photometric="rgb")
     with pytest.raises(MaskSAMError, match=r"colour \(RGB\) image of shape \(16, 12, 3\)"):
         read_image(tmp_path / "rgb.tif")
+    for axes, what in (("CYX", "3 channels"), ("TYX", "3 time points")):  # ImageJ hyperstacks
+        tifffile.imwrite(tmp_path / f"{axes}.tif", np.zeros((3, 16, 12), np.uint16), imagej=True,
+                         metadata={"axes": axes})
+        with pytest.raises(MaskSAMError, match=rf"{what} of 2D images \(axes {axes}\), not a 3D scan"):
+            read_image(tmp_path / f"{axes}.tif")
+    tifffile.imwrite(tmp_path / "zyx.tif", np.zeros((3, 16, 12), np.uint16), imagej=True, metadata={"axes": "ZYX"})
+    assert read_image(tmp_path / "zyx.tif")[0].shape == (3, 16, 12)
     nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.float32), np.eye(4)), tmp_path / "t.nii.gz")
     with pytest.raises(MaskSAMError, match=r"4D image of shape \(4, 5, 6, 2\).*one 3D file per channel"):
         read_image(tmp_path / "t.nii.gz")

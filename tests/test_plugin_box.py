@@ -91,7 +91,7 @@ def test_rectangles_land_on_the_right_voxels_with_anisotropic_scale(make_napari_
     viewer = make_napari_viewer()
     volume = np.random.default_rng(0).normal(size=(12, 40, 30)).astype(np.float32)
     geometry = ImageGeometry.from_spacing(volume.shape, (4.0, 0.5, 2.0))
-    image = viewer.add_image(volume, **image_layer_kwargs(volume, geometry, "scan"), translate=(10.0, -5.0, 3.0))
+    image = viewer.add_image(volume, **{**image_layer_kwargs(volume, geometry, "scan"), "translate": (10.0, -5.0, 3.0)})
     widget = make_widget(viewer)
     go_to_slice(viewer, image, 7)
     assert (widget.z0.value, widget.z1.value) == (5, 9)  # follows the current slice, ± 2
@@ -176,7 +176,7 @@ def test_lite_box_on_a_real_lung_lesion(make_napari_viewer, qtbot, shared_data):
     y0, y1, x0, x1 = ys.min() - 3, ys.max() + 3, xs.min() - 3, xs.max() + 3  # inclusive, 3 voxels of margin
     viewer = make_napari_viewer()
     kwargs = image_layer_kwargs(volume, geometry, "lung1")
-    image = viewer.add_image(volume, **kwargs, translate=tuple(geometry.origin[::-1]))
+    image = viewer.add_image(volume, **kwargs)
     assert image.scale[1] < 1 < image.scale[0]  # 5 mm slices of 0.57 mm pixels
     widget = make_widget(viewer)
     assert widget.model.value == "lite" and "(bundled)" in widget.model.combo.native.currentText()

@@ -96,6 +96,10 @@ def _unreadable(tmp_path: Path, kind: str):
     if kind == "tiff_rgb":
         tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((4, 16, 16, 3), np.uint8), photometric="rgb")
         return str(tmp_path / "rgb.tif")
+    if kind in ("tiff_channels", "tiff_time"):
+        axes = "CYX" if kind == "tiff_channels" else "TYX"
+        tifffile.imwrite(tmp_path / "hyper.tif", np.zeros((3, 16, 16), np.uint16), imagej=True, metadata={"axes": axes})
+        return str(tmp_path / "hyper.tif")
     if kind == "empty_folder":
         (tmp_path / "empty").mkdir()
         return str(tmp_path / "empty")
@@ -126,7 +130,7 @@ def _unreadable(tmp_path: Path, kind: str):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["text", "tiff_2d", "tiff_rgb", "empty_folder", "folder_without_dicom",
+@pytest.mark.parametrize("kind", ["text", "tiff_2d", "tiff_rgb", "tiff_channels", "tiff_time", "empty_folder", "folder_without_dicom",
                                   "dicom_only_in_subfolder", "missing", "corrupt_nifti", "not_gzip_nifti",
                                   "nifti_4d", "stack_of_volumes"])
 def test_get_reader_refuses_what_it_cannot_read(tmp_path, kind):
@@ -165,6 +169,32 @@ def test_ct_gets_a_soft_tissue_window_and_mr_percentiles(tmp_path):
     mr_array = np.random.default_rng(1).gamma(2.0, 80.0, size=SHAPE).astype(np.float32)
     [(_, mr, _)] = _read(_nifti(tmp_path / "mr.nii.gz", mr_array, np.eye(4)))
     assert np.allclose(mr["contrast_limits"], np.percentile(mr_array, [0.5, 99.5]), rtol=1e-5)
+
+
+def test_a_crop_of_a_scan_lies_on_the_scan(tmp_path):
+    """Layers sit at their first voxel's position along the scan's own axes: an ROI cut from a
+    flipped, oblique scan (as viewers save them) lands on the scan's own voxels in napari's world."""
+    affine = _oblique_affine()
+    affine[:3, 0] *= -1  # the file's x axis runs the other way (as in LPS-stored data)
+    scan = _nifti(tmp_path / "scan.nii.gz", _ct(), affine)
+    roi = nib.load(scan).slicer[2:8, 3:7, 1:5]  # nibabel moves the origin to voxel (x, y, z) = (2, 3, 1)
+    roi.to_filename(tmp_path / "roi.nii.gz")
+    [(_, whole, _)] = _read(scan)
+    [(_, part, _)] = _read(tmp_path / "roi.nii.gz")
+    world = lambda kw, zyx: np.asarray(kw["scale"]) * np.asarray(zyx) + np.asarray(kw["translate"])  # noqa: E731
+    assert np.allclose(world(part, (0, 0, 0)), world(whole, (1, 3, 2)))
+    assert np.allclose(world(part, (3, 2, 5)), world(whole, (4, 5, 7)))
+    assert not np.allclose(whole["translate"], 0)
+
+
+def test_nan_voxels_get_contrast_limits_from_the_finite_ones(tmp_path):
+    array = np.random.default_rng(2).gamma(2.0, 80.0, size=SHAPE).astype(np.float32)
+    array[0, :3, :3] = np.nan  # outside the field of view
+    [(_, mr, _)] = _read(_nifti(tmp_path / "mr.nii.gz", array, np.eye(4)))
+    finite = array[np.isfinite(array)]
+    assert np.allclose(mr["contrast_limits"], np.percentile(finite, [0.5, 99.5]), rtol=1e-5)
+    [(_, empty, _)] = _read(_nifti(tmp_path / "nan.nii.gz", np.full(SHAPE, np.nan, np.float32), np.eye(4)))
+    assert empty["contrast_limits"] == (0.0, 1.0)
 
 
 def test_tiff_spacing_from_sidecar(tmp_path):
@@ -350,6 +380,49 @@ def test_read_segment_save_keeps_the_source_affine(make_napari_viewer, tmp_path)
     [again] = viewer.open(str(out), plugin=PLUGIN)
     assert again.__class__.__name__ == "Labels" and list(again.features["name"])[1:] == ["liver", "lesion"]
     assert np.allclose(again.scale, image.scale)
+
+
+@pytest.mark.gui
+def test_labels_drawn_in_napari_are_saved_on_the_scans_grid(make_napari_viewer, tmp_path):
+    """Layers > New Labels Layer copies the scan layer's placement but not its metadata: the saved
+    file still takes the scan's exact affine and header, and opens again on top of the scan."""
+    src = _nifti(tmp_path / "scan.nii.gz", _ct(), _oblique_affine())
+    viewer = make_napari_viewer()
+    [image] = viewer.open(str(src), plugin=PLUGIN)
+    viewer.layers.selection.active = image
+    viewer._new_labels()  # what the menu item and the layer-list button call
+    drawn = viewer.layers[-1]
+    assert drawn.__class__.__name__ == "Labels" and "masksam" not in drawn.metadata
+    drawn.data[2:4, 3:6, 4:8] = 1
+    out = tmp_path / "drawn.nii.gz"
+    assert drawn.save(str(out), plugin=PLUGIN) == [str(out)]
+    written = nib.load(out)
+    assert np.array_equal(written.affine, nib.load(src).affine)
+    assert int(written.header["sform_code"]) == 1
+    assert np.array_equal(np.asarray(written.dataobj).transpose(2, 1, 0), drawn.data)
+    [again] = viewer.open(str(out), plugin=PLUGIN)
+    assert np.allclose(again.scale, image.scale) and np.allclose(again.translate, image.translate)
+    # a second scan of the same shape elsewhere makes the choice ambiguous: the layer's own placement
+    other = _oblique_affine(origin=(5.0, 5.0, 5.0))
+    viewer.open(str(_nifti(tmp_path / "other.nii.gz", _ct(), other)), plugin=PLUGIN)
+    viewer.layers["other"].translate = image.translate  # both now lie exactly where the drawing lies
+    out2 = tmp_path / "drawn2.nii.gz"
+    drawn.save(str(out2), plugin=PLUGIN)
+    assert not np.allclose(nib.load(out2).affine, nib.load(src).affine)
+
+
+@pytest.mark.gui
+def test_a_rotated_layer_without_a_file_keeps_its_rotation(make_napari_viewer):
+    from napari_masksam._layers import geometry_of
+
+    viewer = make_napari_viewer()
+    rotate = np.eye(4)
+    rotate[1:3, 1:3] = [[0.0, -1.0], [1.0, 0.0]]  # 90 degrees in the (y, x) plane
+    layer = viewer.add_image(np.zeros((3, 4, 5), np.float32), scale=(2.0, 1.0, 0.5), affine=rotate)
+    geometry = geometry_of(layer)
+    assert np.allclose(geometry.spacing, (2.0, 1.0, 0.5))
+    for zyx in [(0, 0, 0), (1, 2, 3), (2, 3, 4)]:  # the file affine maps (x, y, z) where napari shows (z, y, x)
+        assert np.allclose((geometry.affine @ [*zyx[::-1], 1.0])[:3][::-1], layer.data_to_world(zyx))
 
 
 @pytest.mark.gui

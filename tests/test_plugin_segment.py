@@ -242,8 +242,12 @@ def test_model_list_bundled_runs_and_browse(make_napari_viewer, tmp_path, tiny_r
     assert widget.model.value == "/models/abdomen"
     assert widget.device.choices[0] == "auto" and widget.device.choices[1:] == tuple(device_choices()[1:])
     assert widget.tta.value is (device_choices()[1] != "cpu") and widget.step_size.value == 0.5
-    widget.model.browse.value = tmp_path  # not a run: ignored
-    assert len(_models.known_runs()) == 1
+    widget.model.browse.value = tmp_path  # not a run: ignored while typing, explained once chosen
+    assert len(_models.known_runs()) == 1 and not notes
+    dialog = {"path": str(tmp_path)}
+    monkeypatch.setattr(widget.model.browse, "_show_file_dialog", lambda *a, **k: dialog["path"])
+    widget.model.browse.choose_btn.changed.emit(True)  # Browse... pressed, tmp_path chosen in the dialog
+    assert notes[-1][0] == "warning" and "holds 1: gt_run; choose one of them" in notes[-1][1]
     widget.model.browse.value = tiny_run  # as chosen in the Browse... dialog
     assert _models.known_runs()[0] == tiny_run.resolve()
     assert widget.model.value == str(tiny_run.resolve())
@@ -253,6 +257,15 @@ def test_model_list_bundled_runs_and_browse(make_napari_viewer, tmp_path, tiny_r
     text = "added run: gt_run (trained, box prompts): it is listed in the Box prompt widget, not here"
     assert notes[-1] == ("info", text)
     assert widget.model.value == str(tiny_run.resolve())
+    dialog["path"] = str(tmp_path / "nothing")  # typed into the dialog
+    widget.model.browse.choose_btn.changed.emit(True)
+    assert notes[-1] == ("warning", f"{tmp_path / 'nothing'} does not exist: choose a training run folder or a "
+                         "checkpoint .pt file")
+
+    newer = write_tiny_run(tmp_path / "newer")  # trained while the widget is open: listed first of the runs
+    _models.add_run(newer)
+    assert widget.model.combo.choices == ("/models/abdomen", str(newer.resolve()), str(tiny_run.resolve()))
+    assert widget.model.value == str(tiny_run.resolve())  # the choice stays
 
 
 def test_runs_with_the_same_folder_name_stay_apart(tmp_path):

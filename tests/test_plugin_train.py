@@ -257,7 +257,11 @@ def test_bad_input_becomes_a_notification(make_napari_viewer, tmp_path, runs, no
         assert widget.start() is None and not widget.running
         assert len(notes) == 1 and text in str(notes[0].message), [str(n.message) for n in notes]
 
-    refused("data set")  # the default data-set folder is no data set
+    refused("choose a data-set folder")  # the default data-set folder is no data set
+    broken = tmp_path / "broken"
+    (broken / "imagesTr").mkdir(parents=True)
+    widget.dataset.value = broken  # a data set with problems: the checker's first ones
+    refused("the data set has problems: ")
     widget.source.value = LAYERS
     refused("no image layer")
     viewer.add_image(np.zeros((6, 8, 8), np.float32), name="scan")

@@ -173,6 +173,10 @@ def _tiff(path: Path, load: bool) -> tuple[np.ndarray | None, ImageGeometry]:
                 raise MaskSAMError(f"{path}: a colour (RGB) image of shape {series.shape}; "
                                    "save a greyscale 3D stack (Z, Y, X) instead")
             _check_3d(tuple(series.shape), path, f"Z, Y, X; this file's axes are {series.axes}")
+            what = {"C": "channels", "T": "time points"}.get(series.axes[0])
+            if what:  # ImageJ hyperstacks and OME-TIFF name their axes
+                raise MaskSAMError(f"{path}: {series.shape[0]} {what} of 2D images (axes {series.axes}), not a 3D "
+                                   f"scan; save a Z stack (Z, Y, X), one file per {what[:-1]}")
             spacing = tiff_spacing(path, tif, (spacing_sidecar(path),
                                                path.with_name(_split_suffix(path)[0] + ".json")))
             data = np.ascontiguousarray(series.asarray()) if load else None

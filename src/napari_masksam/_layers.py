@@ -3,7 +3,10 @@
 Conventions:
 
 * Layer data are (Z, Y, X) arrays, as everywhere in ``masksam_core``. ``layer.scale`` is the voxel
-  spacing (sz, sy, sx) in mm, so that scans of different spacing overlay in napari's world.
+  spacing (sz, sy, sx) in mm and ``layer.translate`` the position of voxel (0, 0, 0) in mm along
+  the scan's own axes (:func:`scan_translate`), so that scans of different spacing, and a scan and
+  crops of it (or labels saved from it), overlay in napari's world while every scan shows in its
+  array order.
 * The scan's full geometry (its 4×4 affine, the NIfTI header, the source path) travels in
   ``layer.metadata["masksam"]`` as a :class:`masksam_core.io.ImageGeometry`; every layer made
   from a layer copies it, and the writer saves labels with it, so the file on disk overlays the
@@ -22,48 +25,115 @@ import numpy as np
 from masksam_core.errors import MaskSAMError
 from masksam_core.io import ImageGeometry
 
-__all__ = ["GEOMETRY_KEY", "class_names_of", "contrast_limits", "geometry_of", "image_layer_kwargs",
-           "labels_layer_kwargs", "show_labels", "volume_of"]
+__all__ = ["GEOMETRY_KEY", "class_names_of", "contrast_limits", "geometry_from_meta", "geometry_of",
+           "image_layer_kwargs", "labels_layer_kwargs", "scan_translate", "show_labels", "volume_of"]
 
 GEOMETRY_KEY = "masksam"
 
 CT_WINDOW = (-160.0, 240.0)  # soft-tissue window: level 40 HU, width 400 HU
 
 
+def _percentiles(array: np.ndarray) -> tuple[float, float] | None:
+    """The 0.5 and 99.5 percentiles of the finite voxels of every 16th-or-so slice; None without any."""
+    sample = np.asarray(array[:: max(1, array.shape[0] // 16)])
+    if np.issubdtype(sample.dtype, np.floating) or np.issubdtype(sample.dtype, np.complexfloating):
+        sample = sample[np.isfinite(sample)]  # NaN (outside a scan's field of view) and inf left out
+    if sample.size == 0:
+        return None
+    low, high = np.percentile(sample, [0.5, 99.5])
+    return float(low), float(high)
+
+
 def looks_like_ct(array: np.ndarray) -> bool:
     """True for Hounsfield-unit volumes (air near -1000 HU, bone or contrast above +300 HU)."""
-    low, high = np.percentile(array[:: max(1, array.shape[0] // 16)], [0.5, 99.5])
-    return bool(low <= -500 and high >= 300)
+    limits = _percentiles(array)
+    return limits is not None and limits[0] <= -500 and limits[1] >= 300
 
 
 def contrast_limits(array: np.ndarray) -> tuple[float, float]:
-    """A soft-tissue window for CT; the 0.5--99.5 percentiles for MR and microscopy."""
+    """A soft-tissue window for CT; the 0.5--99.5 percentiles for MR and microscopy (finite voxels)."""
     if np.issubdtype(array.dtype, np.bool_):
         return 0.0, 1.0
-    if looks_like_ct(array):
+    limits = _percentiles(array)
+    if limits is None:
+        return 0.0, 1.0
+    if limits[0] <= -500 and limits[1] >= 300:
         return CT_WINDOW
-    low, high = (float(v) for v in np.percentile(array[:: max(1, array.shape[0] // 16)], [0.5, 99.5]))
+    low, high = limits
     return (low, high) if high > low else (low, low + 1.0)
+
+
+def scan_translate(geometry: ImageGeometry) -> tuple[float, float, float]:
+    """napari ``translate`` (z, y, x) of a scan: where its voxel (0, 0, 0) lies, in mm, along its own axes.
+
+    The file affine maps a voxel index v = (x, y, z) to the world as ``M v + o`` with ``M = D S``
+    (D the axis directions, S the spacing). Along the scan's own axes a voxel lies at
+    ``D⁻¹ (M v + o) = S v + D⁻¹ o``: napari's ``scale`` = S and ``translate`` = ``D⁻¹ o``. Scans that
+    share their axis directions (a scan, crops of it, labels made on it) so overlay exactly, and
+    each still shows in its array order (no rotation or flip on screen).
+    """
+    matrix = np.asarray(geometry.affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(matrix, axis=0)
+    if not np.all(np.isfinite(matrix)) or np.any(norms <= 0):
+        return (0.0, 0.0, 0.0)
+    directions = matrix / norms
+    try:
+        xyz = np.linalg.solve(directions, np.asarray(geometry.affine, dtype=np.float64)[:3, 3])
+    except np.linalg.LinAlgError:
+        return (0.0, 0.0, 0.0)
+    return tuple(float(v) for v in xyz[::-1])  # type: ignore[return-value]
 
 
 def image_layer_kwargs(array: np.ndarray, geometry: ImageGeometry, name: str) -> dict[str, Any]:
     """Keyword arguments of an Image layer for ``array`` (Z, Y, X) read with ``geometry``."""
-    return {"name": name, "scale": tuple(float(s) for s in geometry.spacing),
+    return {"name": name, "scale": tuple(float(s) for s in geometry.spacing), "translate": scan_translate(geometry),
             "contrast_limits": contrast_limits(array), "colormap": "gray",
             "metadata": {GEOMETRY_KEY: geometry}}
 
 
+def _last3(values: Any, default: float) -> np.ndarray:
+    values = [float(v) for v in (values if values is not None else [])]
+    return np.array(([default] * 3 + values)[-3:], dtype=np.float64)
+
+
+def geometry_from_meta(shape: tuple[int, int, int], meta: dict[str, Any]) -> ImageGeometry:
+    """The geometry napari shows a (Z, Y, X) layer with: ``affine @ (scale * index + translate)``.
+
+    ``meta`` holds the layer's ``scale``, ``translate`` and ``affine`` (a napari Affine or a
+    matrix). napari's axes are (z, y, x); the file affine maps (x, y, z), so the 3×3 part is
+    reversed on both sides. With napari's default (identity) affine this is ``diag(sx, sy, sz)``
+    with the origin at ``translate`` reversed.
+    """
+    scale, translate = _last3(meta.get("scale"), 1.0), _last3(meta.get("translate"), 0.0)
+    index_to_napari = np.eye(4)
+    index_to_napari[:3, :3], index_to_napari[:3, 3] = np.diag(scale), translate
+    napari_affine = np.eye(4)
+    matrix = meta.get("affine")
+    matrix = getattr(matrix, "affine_matrix", matrix)  # a napari Affine, or a plain (n+1, n+1) array
+    if matrix is not None:
+        matrix = np.asarray(matrix, dtype=np.float64)
+        if matrix.ndim == 2 and matrix.shape[0] == matrix.shape[1] and matrix.shape[0] >= 4:
+            napari_affine[:3, :3], napari_affine[:3, 3] = matrix[-4:-1, -4:-1], matrix[-4:-1, -1]
+    zyx = napari_affine @ index_to_napari
+    flip = np.eye(4)[[2, 1, 0, 3]]  # (z, y, x, 1) <-> (x, y, z, 1)
+    affine = flip @ zyx @ flip
+    sx, sy, sz = (float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    if min(sx, sy, sz) <= 0:
+        raise MaskSAMError(f"the layer's scale {tuple(scale)} has a zero axis; set a positive voxel size "
+                           "(layer.scale = (sz, sy, sx) in mm) before saving")
+    return ImageGeometry(affine, (sz, sy, sx), shape, "nifti")
+
+
 def geometry_of(layer: Any) -> ImageGeometry:
-    """The geometry of a layer: the one its reader stored, else a diagonal one from ``layer.scale``."""
+    """The geometry of a layer: the one its reader stored, else the one napari shows it with
+    (its ``scale``, ``translate`` and ``affine``, rotations included)."""
     shape = tuple(int(n) for n in np.shape(layer.data)[-3:])
     stored = getattr(layer, "metadata", {}).get(GEOMETRY_KEY)
     if isinstance(stored, ImageGeometry) and tuple(stored.shape) == shape:
         return stored
-    scale = tuple(float(s) for s in layer.scale[-3:])
-    translate = tuple(float(t) for t in layer.translate[-3:])
-    geometry = ImageGeometry.from_spacing(shape, scale)
-    geometry.affine[:3, 3] = translate[::-1]  # file index (x, y, z) -> world; napari's translate is (z, y, x)
-    return geometry
+    affine = getattr(layer, "affine", None)
+    return geometry_from_meta(shape, {"scale": layer.scale, "translate": layer.translate,  # type: ignore[arg-type]
+                                      "affine": getattr(affine, "affine_matrix", affine)})
 
 
 def volume_of(layer: Any) -> tuple[np.ndarray, tuple[float, float, float], ImageGeometry]:

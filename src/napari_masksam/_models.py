@@ -177,6 +177,7 @@ class ModelPicker(Container):
     """
 
     def __init__(self, choices: Callable[..., Choices], **kwargs: Any) -> None:
+        self._choices = choices
         self.combo = ComboBox(choices=choices, nullable=False, tooltip="the model to run")
         self.browse = FileEdit(mode="d", nullable=True, tooltip="add a training run folder (or type the path of "
                                "a checkpoint .pt file); it is remembered across sessions")
@@ -184,6 +185,11 @@ class ModelPicker(Container):
         super().__init__(widgets=[self.combo, self.browse], labels=False, **kwargs)
         self.margins = (0, 0, 0, 0)
         self.browse.changed.connect(self._add)
+        # connected after FileEdit's own handler, so this runs once the dialog has set the path
+        self.browse.choose_btn.changed.connect(self._check_chosen)
+        editing_finished = getattr(self.browse.line_edit.native, "editingFinished", None)
+        if editing_finished is not None:  # a typed path, once Enter is pressed or the field is left
+            editing_finished.connect(self._check_chosen)
         runs_changed.connect(self.refresh)
 
     @property
@@ -197,8 +203,48 @@ class ModelPicker(Container):
     def refresh(self) -> None:
         try:
             self.combo.reset_choices()
+            self._order_as_listed()
         except RuntimeError:  # its Qt widget was deleted with its viewer
             runs_changed.disconnect(self.refresh)
+
+    def _order_as_listed(self) -> None:
+        """Put the items in the order of the choices (newest run first): magicgui appends new ones."""
+        native = self.combo.native
+        wanted = [label for label, _ in self._choices(self.combo)]
+        shown = [native.itemText(i) for i in range(native.count())]
+        if shown == wanted or sorted(shown) != sorted(wanted):
+            return
+        data = {native.itemText(i): native.itemData(i) for i in range(native.count())}
+        current = native.currentText()
+        blocked = native.blockSignals(True)  # the value does not change, so nothing is announced
+        try:
+            native.clear()
+            for label in wanted:
+                native.addItem(label, data[label])
+            native.setCurrentIndex(native.findText(current))
+        finally:
+            native.blockSignals(blocked)
+
+    def _check_chosen(self, *_: Any) -> None:
+        """Say why a chosen folder or file was not added (typing passes through such paths quietly)."""
+        path = self.browse.value
+        if not path or checkpoint_of(path) is not None:
+            return
+        from napari.utils.notifications import show_warning
+
+        path = Path(path).expanduser()
+        if not path.exists():
+            show_warning(f"{path} does not exist: choose a training run folder or a checkpoint .pt file")
+            return
+        runs = sorted(p.name for p in path.iterdir() if p.is_dir() and checkpoint_of(p) is not None) \
+            if path.is_dir() else []
+        if runs:
+            listed = ", ".join(runs[:5]) + (", ..." if len(runs) > 5 else "")
+            show_warning(f"{path.name} is not a training run but holds {len(runs)}: {listed}; choose one of them")
+        else:
+            show_warning(f"{path} is not a training run: a run folder (what masksam-core train --out or the "
+                         "Train widget wrote) holds checkpoint_best.pt or checkpoint_last.pt; or type the path "
+                         "of a checkpoint .pt file")
 
     def _add(self, path: Path | None) -> None:
         if not path or checkpoint_of(path) is None:

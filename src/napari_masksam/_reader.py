@@ -7,7 +7,8 @@ readers. The reader function it returns raises :class:`masksam_core.errors.MaskS
 a message saying what is wrong when reading fails after all (napari shows that message in its
 "Choose reader" dialog and offers the other readers).
 
-Layers: a scan is an Image layer with ``scale`` = its spacing (sz, sy, sx) mm, a soft-tissue
+Layers: a scan is an Image layer with ``scale`` = its spacing (sz, sy, sx) mm, ``translate`` = the
+position of its first voxel along its own axes (so a scan and crops of it overlay), a soft-tissue
 window for CT or the 0.5--99.5 percentiles otherwise, and its :class:`~masksam_core.io.ImageGeometry`
 (affine, NIfTI header, source) in ``metadata["masksam"]``. A file with a class-names sidecar
 (``seg.classes.json`` next to ``seg.nii.gz``, as MaskSAM writes them) is a label map: a Labels
@@ -28,7 +29,7 @@ import numpy as np
 from masksam_core.errors import MaskSAMError
 from masksam_core.io import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageGeometry, classes_sidecar, read_geometry, read_image
 
-from ._layers import GEOMETRY_KEY, image_layer_kwargs
+from ._layers import GEOMETRY_KEY, image_layer_kwargs, scan_translate
 
 __all__ = ["layer_name", "napari_get_reader", "read_layer_data", "read_paths"]
 
@@ -76,7 +77,8 @@ def _readable_tiff(path: Path) -> bool:
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            return len(series.shape) == 3 and not series.axes.endswith("S") and min(series.shape) > 0
+            return (len(series.shape) == 3 and not series.axes.endswith("S") and series.axes[0] not in "CT"
+                    and min(series.shape) > 0)  # not colour, channels or time points (other readers take those)
     except Exception:  # noqa: BLE001 -- tifffile raises many types for files it cannot parse
         return False
 
@@ -180,7 +182,7 @@ def _sidecar_names(path: Path, labels: np.ndarray) -> list[str] | None:
 def labels_kwargs(geometry: ImageGeometry, class_names: Sequence[str], name: str) -> dict[str, Any]:
     """Keyword arguments of a Labels layer (Z, Y, X) with ``geometry`` and class names (row i = label i)."""
     names = [str(n) for n in class_names]
-    return {"name": name, "scale": tuple(float(s) for s in geometry.spacing),
+    return {"name": name, "scale": tuple(float(s) for s in geometry.spacing), "translate": scan_translate(geometry),
             "metadata": {GEOMETRY_KEY: geometry, "class_names": names},
             "features": {"index": np.arange(len(names)), "name": names}}
 

@@ -267,6 +267,12 @@ class TrainWidget(Container):
         else:
             from masksam_core.data.dataset import check_dataset
 
+            folder = Path(self.dataset.value or "").expanduser()
+            if not str(self.dataset.value or "").strip() or not (
+                    (folder / "dataset.json").exists() or (folder / "imagesTr").is_dir()):
+                raise MaskSAMError(f"choose a data-set folder: {folder.resolve()} holds no dataset.json or imagesTr/ "
+                                   "(the nnU-Net layout, see docs/training.md); or train on the open image and "
+                                   "labels layers (train on: open layers)")
             problems = check_dataset(self.dataset.value, deep=False)
             if problems:
                 more = f" (and {len(problems) - 3} more: masksam-core check lists them)" if len(problems) > 3 else ""

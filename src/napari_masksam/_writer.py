@@ -1,8 +1,10 @@
 """napari writer: a Labels layer as NIfTI or TIFF that overlays its scan exactly.
 
 The geometry comes from the layer's ``metadata["masksam"]`` (the :class:`~masksam_core.io.ImageGeometry`
-of the scan the labels were made on: its exact affine and NIfTI header), else from the layer's
-``scale``, ``translate`` and ``affine``. Class names (the ``features`` ``name`` column, else
+of the scan the labels were made on: its exact affine and NIfTI header); for a layer without it
+(labels drawn in napari: *New Labels Layer* copies the scan layer's placement but not its metadata)
+from the scan layer of the current viewer that has the same shape and placement; else from the
+layer's ``scale``, ``translate`` and ``affine``. Class names (the ``features`` ``name`` column, else
 ``metadata["class_names"]``, else ``background``, ``class_1``, ...) go to the ``.classes.json``
 sidecar, so that MaskSAM's reader opens the file again as a Labels layer with its names.
 """
@@ -20,41 +22,9 @@ from masksam_core.errors import MaskSAMError
 from masksam_core.io import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageGeometry
 from masksam_core.io import write_labels as write_label_file
 
-from ._layers import GEOMETRY_KEY, class_names_of
+from ._layers import GEOMETRY_KEY, class_names_of, geometry_from_meta
 
 __all__ = ["geometry_from_meta", "write_labels"]
-
-
-def _last3(values: Any, default: float) -> np.ndarray:
-    values = [float(v) for v in (values if values is not None else [])]
-    return np.array(([default] * 3 + values)[-3:], dtype=np.float64)
-
-
-def geometry_from_meta(shape: tuple[int, int, int], meta: dict[str, Any]) -> ImageGeometry:
-    """The geometry napari shows a (Z, Y, X) layer with: ``affine @ (scale * index + translate)``.
-
-    napari's axes are (z, y, x); the file affine maps (x, y, z), so the 3×3 part is reversed on
-    both sides. With napari's default (identity) affine this is ``diag(sx, sy, sz)`` with the
-    origin at ``translate`` reversed.
-    """
-    scale, translate = _last3(meta.get("scale"), 1.0), _last3(meta.get("translate"), 0.0)
-    index_to_napari = np.eye(4)
-    index_to_napari[:3, :3], index_to_napari[:3, 3] = np.diag(scale), translate
-    napari_affine = np.eye(4)
-    matrix = meta.get("affine")
-    matrix = getattr(matrix, "affine_matrix", matrix)  # a napari Affine, or a plain (n+1, n+1) array
-    if matrix is not None:
-        matrix = np.asarray(matrix, dtype=np.float64)
-        if matrix.ndim == 2 and matrix.shape[0] == matrix.shape[1] and matrix.shape[0] >= 4:
-            napari_affine[:3, :3], napari_affine[:3, 3] = matrix[-4:-1, -4:-1], matrix[-4:-1, -1]
-    zyx = napari_affine @ index_to_napari
-    flip = np.eye(4)[[2, 1, 0, 3]]  # (z, y, x, 1) <-> (x, y, z, 1)
-    affine = flip @ zyx @ flip
-    sx, sy, sz = (float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
-    if min(sx, sy, sz) <= 0:
-        raise MaskSAMError(f"the layer's scale {tuple(scale)} has a zero axis; set a positive voxel size "
-                           "(layer.scale = (sz, sy, sx) in mm) before saving")
-    return ImageGeometry(affine, (sz, sy, sx), shape, "nifti")
 
 
 def _class_names(data: np.ndarray, meta: dict[str, Any]) -> dict[int, str]:
@@ -73,6 +43,40 @@ def _volume(data: Any) -> np.ndarray:
         raise MaskSAMError(f"labels of shape {array.shape}: MaskSAM writes one 3D (Z, Y, X) label map; "
                            "save each time point or channel as its own layer")
     return array
+
+
+def _placement(meta: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scale, translate, affine matrix) of a layer's attributes, last three axes."""
+    get = meta.get if isinstance(meta, dict) else (lambda key: getattr(meta, key, None))
+    affine = get("affine")
+    affine = np.asarray(getattr(affine, "affine_matrix", affine) if affine is not None else np.eye(4), np.float64)
+    return (np.asarray(get("scale") if get("scale") is not None else (1.0,) * 3, np.float64)[-3:],
+            np.asarray(get("translate") if get("translate") is not None else (0.0,) * 3, np.float64)[-3:],
+            affine[-4:, -4:])
+
+
+def _scan_geometry_in_viewer(shape: tuple[int, int, int], meta: dict[str, Any]) -> ImageGeometry | None:
+    """The stored geometry of the one scan in napari's current viewer that ``meta``'s layer lies on
+    exactly (same shape, scale, translate and affine), or None (no viewer, none, or scans that disagree)."""
+    import sys
+
+    if "napari" not in sys.modules:
+        return None
+    try:
+        viewer = sys.modules["napari"].current_viewer()
+        layers = list(viewer.layers) if viewer is not None else []
+    except Exception:  # noqa: BLE001 -- no viewer to look in: the layer's own placement is used
+        return None
+    mine = _placement(meta)
+    found: list[ImageGeometry] = []
+    for layer in layers:
+        geometry = (getattr(layer, "metadata", None) or {}).get(GEOMETRY_KEY)
+        if not isinstance(geometry, ImageGeometry) or tuple(geometry.shape) != shape:
+            continue
+        if all(np.allclose(a, b) for a, b in zip(_placement(layer), mine)):
+            if not any(np.allclose(geometry.affine, g.affine) for g in found):
+                found.append(geometry)
+    return found[0] if len(found) == 1 else None
 
 
 def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
@@ -102,6 +106,6 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
                       "layer's scale and translate instead of the scan's affine", stacklevel=2)
         geometry = None
     if not isinstance(geometry, ImageGeometry):
-        geometry = geometry_from_meta(shape, meta)
+        geometry = _scan_geometry_in_viewer(shape, meta) or geometry_from_meta(shape, meta)
     written = write_label_file(path, labels, geometry, class_names=_class_names(labels, meta), overwrite=True)
     return [os.fspath(written)]
