@@ -202,3 +202,13 @@ def test_lite_box_on_a_real_lung_lesion(make_napari_viewer, qtbot, shared_data):
     dice = 2 * (mask & lesion).sum() / (mask.sum() + lesion.sum())
     print(f"LiteMedSAM in the widget, lesion_004_lung1 slices {z0}..{z1}: Dice {dice:.3f}")
     assert dice > 0.6
+
+
+def test_rectangles_of_two_objects_on_two_slices_stay_two_boxes():
+    """Only overlapping rectangles on two slices are one object's ends; others are boxed over the z-range."""
+    ends = [(4, 9.5, 9.5, 19.5, 19.5), (9, 11.5, 7.5, 23.5, 17.5)]  # one object's first and last slice (voxel edges)
+    assert boxes_from_rectangles(ends, (12, 40, 40), (0, 0)) == [(4, 10, 10, 8, 24, 20)]
+    apart = [(4, -0.5, -0.5, 9.5, 9.5), (9, 24.5, 24.5, 34.5, 34.5)]  # two organs, one rectangle each
+    assert boxes_from_rectangles(apart, (12, 40, 40), (3, 10)) == [(3, 11, 0, 0, 10, 10), (3, 11, 25, 25, 35, 35)]
+    with pytest.raises(Exception, match="rectangle 2 is on slice 9, outside the z-range 3..6"):
+        boxes_from_rectangles(apart, (12, 40, 40), (3, 6))  # said, not silently merged

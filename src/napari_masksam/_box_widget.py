@@ -9,8 +9,9 @@ rectangle becomes a half-open voxel box ``(z0, z1, y0, x0, y1, x1)`` as
 * in-plane: the voxels the rectangle overlaps, clipped to the image;
 * along Z: the slices ``z0 .. z1`` of the spin boxes (both included; by default they follow the
   current slice, ± :data:`HALF_DEPTH`), which must hold the rectangle's own slice. When the
-  rectangles lie on exactly two slices, as many on each, each rectangle on the first slice and
-  the nearest one on the other make one box from the first slice to the last, covering both.
+  rectangles lie on exactly two slices, as many on each, and each rectangle on the first slice
+  overlaps the nearest one on the other in-plane, each such pair makes one box from the first
+  slice to the last, covering both.
 
 The masks go to the Labels layer ``"<image> [boxes]"``: box i of a run becomes a new label after
 the layer's largest one (earlier results stay), named ``"box <label>"`` in its ``features``.
@@ -52,6 +53,30 @@ def _in_plane(low: float, high: float, size: int) -> tuple[int, int]:
     return v0, v1
 
 
+def _paired_spans(rects: Sequence[Sequence[float]]) -> list[tuple[float, ...]] | None:
+    """Boxes from rectangles drawn on an object's first and last slices, or None when they are not such pairs.
+
+    They are when the rectangles lie on exactly two slices, as many on each, and each one on the
+    first slice overlaps in-plane the nearest one (by centre) on the other: rectangles around
+    different objects on two slices stay separate boxes over the z-range.
+    """
+    slices = sorted({int(r[0]) for r in rects})
+    first = [r for r in rects if r[0] == slices[0]]
+    if len(slices) != 2 or len(first) * 2 != len(rects):
+        return None
+    rest = [r for r in rects if r[0] == slices[1]]
+    spans = []
+    for r in first:
+        centre = np.array([r[1] + r[3], r[2] + r[4]])
+        j = min(range(len(rest)), key=lambda k: np.hypot(*(centre - [rest[k][1] + rest[k][3], rest[k][2] + rest[k][4]])))
+        other = rest.pop(j)
+        if min(r[3], other[3]) <= max(r[1], other[1]) or min(r[4], other[4]) <= max(r[2], other[2]):
+            return None  # they do not overlap: two objects, not one object's two ends
+        spans.append((slices[0], slices[1], min(r[1], other[1]), min(r[2], other[2]), max(r[3], other[3]),
+                      max(r[4], other[4])))
+    return spans
+
+
 def boxes_from_rectangles(rects: Sequence[Sequence[float]], shape: Sequence[int], z_range: tuple[int, int]
                           ) -> list[tuple[int, int, int, int, int, int]]:
     """Voxel boxes (z0, z1, y0, x0, y1, x1), half-open, from rectangles (slice, y_min, x_min, y_max, x_max)
@@ -64,19 +89,8 @@ def boxes_from_rectangles(rects: Sequence[Sequence[float]], shape: Sequence[int]
     for i, (z, *_) in enumerate(rects, 1):
         if not 0 <= z < depth:
             raise MaskSAMError(f"rectangle {i} is on slice {z}, outside the image's slices 0..{depth - 1}")
-    slices = sorted({int(r[0]) for r in rects})
-    first = [r for r in rects if r[0] == slices[0]]
-    if len(slices) == 2 and len(first) * 2 == len(rects):
-        rest = [r for r in rects if r[0] == slices[1]]
-        spans = []
-        for r in first:  # pair with the nearest rectangle (in-plane centre) on the other slice
-            centre = np.array([r[1] + r[3], r[2] + r[4]])
-            j = min(range(len(rest)), key=lambda k: np.hypot(*(centre - [rest[k][1] + rest[k][3],
-                                                                         rest[k][2] + rest[k][4]])))
-            other = rest.pop(j)
-            spans.append((slices[0], slices[1], min(r[1], other[1]), min(r[2], other[2]), max(r[3], other[3]),
-                          max(r[4], other[4])))
-    else:
+    spans = _paired_spans(rects)
+    if spans is None:
         z0, z1 = (int(v) for v in z_range)
         if z0 > z1:
             raise MaskSAMError(f"the z-range {z0}..{z1} is empty: set z0 at or below z1")
