@@ -2,7 +2,8 @@
 
 Checks the result layer against a direct ``Predictor.predict`` (same labels, the run's class
 names, the image's scale/translate/affine/geometry), that a second run (in the thread worker)
-updates the same layer without reloading the model, that Cancel stops within a second, and
+updates the same layer without reloading the model but leaves a hand-corrected one alone, that
+Cancel stops within a second, and
 that bad input becomes a notification, never an exception.
 """
 
@@ -148,16 +149,27 @@ def test_segment_matches_predictor_and_a_second_run_updates_the_layer(make_napar
     loads = []
     monkeypatch.setattr("masksam_core.inference.predictor.Predictor.__init__",
                         lambda *a, **k: loads.append(1) or pytest.fail("the model was loaded again"))
-    layer.data = np.zeros_like(layer.data)
+    written = layer.data
     job = widget.run()  # in the thread worker
     assert job.running and not widget.panel.run_button.enabled
     qtbot.waitUntil(lambda: job.done, timeout=60_000)
     assert job.error is None and not errors(notes) and not loads
     assert job.first_yield is not None and job.first_yield < job.seconds
     assert [lay.name for lay in viewer.layers] == ["ct crop", "ct crop [MaskSAM]"]
-    assert viewer.layers["ct crop [MaskSAM]"] is layer
+    assert viewer.layers["ct crop [MaskSAM]"] is layer and layer.data is not written  # the new result
     np.testing.assert_array_equal(layer.data, expected)
     assert widget.panel.run_button.enabled and not widget.panel.cancel_button.enabled
+
+    # the user corrects the result by hand: a further run keeps the corrections and adds a layer
+    layer.data[1, 2, 3] = 2 if layer.data[1, 2, 3] != 2 else 1
+    corrected = layer.data.copy()
+    job = widget.run(sync=True)
+    assert job.error is None and not errors(notes)
+    assert [lay.name for lay in viewer.layers] == ["ct crop", "ct crop [MaskSAM]", "ct crop [MaskSAM] (2)"]
+    np.testing.assert_array_equal(layer.data, corrected)
+    np.testing.assert_array_equal(viewer.layers["ct crop [MaskSAM] (2)"].data, expected)
+    assert notes[-1] == ("info", "'ct crop [MaskSAM]' was edited since it was made, so it stays as it is; "
+                                 "this result is 'ct crop [MaskSAM] (2)'")
 
 
 def test_cancel_stops_within_a_second(make_napari_viewer, qtbot, ct, tiny_run, notes, monkeypatch):

@@ -282,4 +282,4 @@ class BoxPromptWidget(Container):
         inside = labels > 0
         merged[inside] = labels[inside].astype(merged.dtype) + offset
         names = names + [f"box {offset + i}" for i in range(1, count + 1)]
-        return show_labels(self.viewer, image, merged, names, name=name)
+        return show_labels(self.viewer, image, merged, names, name=name, keep_edits=False)  # edits are merged in

@@ -17,6 +17,7 @@ Conventions:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -184,14 +185,44 @@ def labels_layer_kwargs(image_layer: Any, class_names: Sequence[str], name: str 
             "features": {"index": np.arange(len(names)), "name": names}}
 
 
+WRITTEN_KEY = "masksam_written"  # metadata: fingerprint of the labels a run wrote into the layer
+
+
+def fingerprint(labels: Any) -> str:
+    """A digest of a label array's shape, type and values (to tell whether someone edited it)."""
+    array = np.ascontiguousarray(np.asarray(labels))
+    digest = hashlib.blake2b(f"{array.shape}{array.dtype.str}".encode(), digest_size=16)
+    digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def _free_name(viewer: Any, name: str) -> str:
+    for k in range(2, 10_000):
+        candidate = f"{name} ({k})"
+        if candidate not in viewer.layers:
+            return candidate
+    return name
+
+
 def show_labels(viewer: Any, image_layer: Any, labels: np.ndarray, class_names: Sequence[str],
-                name: str | None = None) -> Any:
-    """Add (or, on a second run, update) the Labels layer ``name`` for ``image_layer``; returns it."""
+                name: str | None = None, keep_edits: bool = True) -> Any:
+    """Add (or, on a second run, update) the Labels layer ``name`` for ``image_layer``; returns it.
+
+    With ``keep_edits``, a layer of that name whose labels were changed since a run wrote them
+    (painted, erased, or not made by a run at all) is left as it is and the result goes to a new
+    layer ``"<name> (2)"`` (the caller tells the user by the returned layer's name).
+    """
     kwargs = labels_layer_kwargs(image_layer, class_names, name)
-    if kwargs["name"] in viewer.layers and viewer.layers[kwargs["name"]].__class__.__name__ == "Labels":
-        layer = viewer.layers[kwargs["name"]]
-        layer.data = labels
-        for key in ("scale", "translate", "affine", "metadata", "features"):
-            setattr(layer, key, kwargs[key])
-        return layer
+    existing = viewer.layers[kwargs["name"]] if kwargs["name"] in viewer.layers else None
+    if existing is not None and existing.__class__.__name__ == "Labels":
+        edited = keep_edits and (existing.metadata or {}).get(WRITTEN_KEY) != fingerprint(existing.data)
+        if not edited:
+            existing.data = labels
+            for key in ("scale", "translate", "affine", "metadata", "features"):
+                setattr(existing, key, kwargs[key])
+            existing.metadata = {**existing.metadata, WRITTEN_KEY: fingerprint(labels)}
+            return existing
+    if existing is not None:
+        kwargs["name"] = _free_name(viewer, kwargs["name"])
+    kwargs["metadata"] = {**kwargs["metadata"], WRITTEN_KEY: fingerprint(labels)}
     return viewer.add_labels(labels, **kwargs)

@@ -166,7 +166,12 @@ class SegmentWidget(Container):
             return (yield from predictor.predict_iter(volume, spacing, tta=tta, step_size=step_size, cancel=cancel))
 
         def show(prediction: Any) -> None:
-            show_labels(self.viewer, layer, prediction.labels, prediction.class_names)
+            shown = show_labels(self.viewer, layer, prediction.labels, prediction.class_names)
+            if shown.name != f"{layer.name} [MaskSAM]":
+                from napari.utils.notifications import show_info
+
+                show_info(f"'{layer.name} [MaskSAM]' was edited since it was made, so it stays as it is; "
+                          f"this result is '{shown.name}'")
 
         self.job = run_job(make, WHAT, on_yield=self.panel.show_progress, on_return=show,
                            on_finish=self.panel.finished, sync=sync)
