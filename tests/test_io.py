@@ -239,6 +239,10 @@ def test_2d_and_4d_images_are_rejected_with_their_shape(tmp_path):
                          metadata={"axes": axes})
         with pytest.raises(MaskSAMError, match=rf"{what} of 2D images \(axes {axes}\), not a 3D scan"):
             read_image(tmp_path / f"{axes}.tif")
+    rgb = np.zeros((4, 5, 3), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.Nifti1Image(rgb, np.eye(4)).to_filename(tmp_path / "rgb.nii.gz")
+    with pytest.raises(MaskSAMError, match=r"a colour \(RGB\) NIfTI image"):
+        read_image(tmp_path / "rgb.nii.gz")
     tifffile.imwrite(tmp_path / "zyx.tif", np.zeros((3, 16, 12), np.uint16), imagej=True, metadata={"axes": "ZYX"})
     assert read_image(tmp_path / "zyx.tif")[0].shape == (3, 16, 12)
     nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.float32), np.eye(4)), tmp_path / "t.nii.gz")

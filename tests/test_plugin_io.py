@@ -100,6 +100,14 @@ def _unreadable(tmp_path: Path, kind: str):
         axes = "CYX" if kind == "tiff_channels" else "TYX"
         tifffile.imwrite(tmp_path / "hyper.tif", np.zeros((3, 16, 16), np.uint16), imagej=True, metadata={"axes": axes})
         return str(tmp_path / "hyper.tif")
+    if kind in ("dicom_one_slice_file", "dicom_one_slice_folder"):
+        folder = tmp_path / "xray"
+        _dicom_series(folder, _ct(shape=(1, 9, 11)))
+        return str(folder if kind.endswith("folder") else next(folder.iterdir()))
+    if kind == "nifti_rgb":
+        rgb = np.zeros((4, 5, 3), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+        nib.Nifti1Image(rgb, np.eye(4)).to_filename(tmp_path / "rendering.nii.gz")
+        return str(tmp_path / "rendering.nii.gz")
     if kind == "empty_folder":
         (tmp_path / "empty").mkdir()
         return str(tmp_path / "empty")
@@ -132,7 +140,8 @@ def _unreadable(tmp_path: Path, kind: str):
 
 @pytest.mark.parametrize("kind", ["text", "tiff_2d", "tiff_rgb", "tiff_channels", "tiff_time", "empty_folder", "folder_without_dicom",
                                   "dicom_only_in_subfolder", "missing", "corrupt_nifti", "not_gzip_nifti",
-                                  "nifti_4d", "stack_of_volumes"])
+                                  "nifti_4d", "stack_of_volumes", "dicom_one_slice_file", "dicom_one_slice_folder",
+                                  "nifti_rgb"])
 def test_get_reader_refuses_what_it_cannot_read(tmp_path, kind):
     assert napari_get_reader(_unreadable(tmp_path, kind)) is None
 

@@ -146,6 +146,9 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
 
 
 def _nifti_geometry(img: Any, path: Path) -> ImageGeometry:
+    if img.get_data_dtype().fields is not None:  # RGB24 / RGBA32: one record of colour values per voxel
+        raise MaskSAMError(f"{path}: a colour (RGB) NIfTI image; MaskSAM segments grey-value scans: give the "
+                           "scan itself, not a coloured rendering of it")
     shape = _nifti_shape(img.shape)
     _check_3d(shape, path, "NIfTI axes i, j, k")
     affine = np.asarray(img.affine, dtype=np.float64)

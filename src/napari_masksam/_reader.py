@@ -56,18 +56,43 @@ def _is_dicom_file(path: Path) -> bool:
     return path.name.lower().endswith(".dcm") and len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
-def _holds_dicom(folder: Path) -> bool:
-    """True when ``folder`` directly holds at least one DICOM file (subfolders are not searched)."""
+def _dicom_files_in(folder: Path, enough: int = 2) -> list[Path]:
+    """Up to ``enough`` DICOM files directly in ``folder`` (subfolders are not searched)."""
+    found: list[Path] = []
     try:
         with os.scandir(folder) as entries:
             for n, entry in enumerate(entries):
-                if n >= _DICOM_SCAN_LIMIT:
-                    return False
+                if n >= _DICOM_SCAN_LIMIT or len(found) >= enough:
+                    break
                 if entry.is_file() and not entry.name.startswith(".") and _is_dicom_file(Path(entry.path)):
-                    return True
+                    found.append(Path(entry.path))
     except OSError:
-        return False
-    return False
+        return []
+    return found
+
+
+def _frames(file: Path) -> int:
+    """Frames (slices) in one DICOM file, from its header; 0 when it cannot be read."""
+    try:
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(file))
+        reader.ReadImageInformation()
+        size = reader.GetSize()
+        return int(size[2]) if len(size) > 2 else 1
+    except Exception:  # noqa: BLE001 -- not readable here: the full reader says why, if asked
+        return 0
+
+
+def _holds_dicom_volume(folder: Path, file: Path | None = None) -> bool:
+    """True when ``folder`` (holding ``file``, if given) has a 3D DICOM series: several DICOM files,
+    or one multi-frame file. A lone 2D slice is left to other readers."""
+    files = _dicom_files_in(folder)
+    if len(files) >= 2:
+        return True
+    single = file if file is not None else (files[0] if files else None)
+    return single is not None and _frames(single) >= 2
 
 
 def _readable_tiff(path: Path) -> bool:
@@ -96,7 +121,7 @@ def _accepts(path: Path) -> bool:
     """Whether MaskSAM can read ``path``, judged from its name and header alone."""
     name = path.name.lower()
     if path.is_dir():
-        return _holds_dicom(path)
+        return _holds_dicom_volume(path)
     if not path.is_file():
         return False
     if name.endswith(NIFTI_SUFFIXES):
@@ -104,7 +129,7 @@ def _accepts(path: Path) -> bool:
     if name.endswith(TIFF_SUFFIXES):
         return _readable_tiff(path)
     if name.endswith(".dcm"):
-        return _is_dicom_file(path)
+        return _is_dicom_file(path) and _holds_dicom_volume(path.parent, path)
     return False
 
 
