@@ -214,8 +214,9 @@ def _download(info: WeightsInfo, dest: Path, *, progress: bool, base_url: str | 
 
     by_hand = (
         f"If this machine has no network access, download {info.url} by hand (sha256 "
-        f"{info.sha256}, {info.size:,} bytes) and pass --checkpoint PATH, or place it at "
-        f"{dest} (cache folder {dest.parent}; set {CACHE_ENV} to use another folder)."
+        f"{info.sha256}, {info.size:,} bytes) and place it at {dest}, where the napari widgets and "
+        f"every command find it (set {CACHE_ENV} to use another cache folder), or give its path to a "
+        f"command with --checkpoint PATH."
     )
     try:
         fetched = Path(registry.fetch(info.filename, downloader=downloader, progressbar=progress))
@@ -233,8 +234,8 @@ def _download(info: WeightsInfo, dest: Path, *, progress: bool, base_url: str | 
         ) from error
     except OSError as error:
         raise WeightsError(f"cannot write to the cache folder {dest.parent}: {error}. Set "
-                           f"{CACHE_ENV} to a writable folder, or pass --checkpoint PATH"
-                           ) from error
+                           f"{CACHE_ENV} to a writable folder (before starting napari or the command), or "
+                           "give a downloaded file to a command with --checkpoint PATH") from error
     _VERIFIED[_stat_key(fetched)] = info.sha256  # pooch checked it
     return fetched
 
