@@ -135,6 +135,17 @@ def test_class_names_sidecar(tmp_path):
                         class_names={1: "liver", 0: "background"})
     assert classes_sidecar(path) == tmp_path / "seg.classes.json"
     assert json.loads(classes_sidecar(path).read_text()) == {"0": "background", "1": "liver"}
+    # seg.tif would share seg.classes.json: the same names may, other names would rename seg.nii.gz's classes
+    write_labels(tmp_path / "seg.tif", np.zeros((2, 3, 4), int), geometry, overwrite=True,  # as napari's writer
+                 class_names={0: "background", 1: "liver"})
+    with pytest.raises(MaskSAMError, match=r"seg.classes.json holds the class names of seg.nii.gz.*seg_2.tif"):
+        write_labels(tmp_path / "seg.tif", np.zeros((2, 3, 4), int), geometry, overwrite=True,
+                     class_names={0: "background", 1: "box 1"})
+    assert json.loads(classes_sidecar(path).read_text()) == {"0": "background", "1": "liver"}
+    (tmp_path / "seg.tif").unlink()
+    write_labels(tmp_path / "seg.nii.gz", np.zeros((2, 3, 4), int), geometry, overwrite=True,  # alone: renamed freely
+                 class_names={0: "background", 1: "spleen"})
+    assert json.loads(classes_sidecar(path).read_text())["1"] == "spleen"
 
 
 def test_write_image_float_round_trip(tmp_path):

@@ -364,8 +364,29 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, geometry: ImageGeo
     dtype = np.uint8 if high < 256 else (np.int16 if limit == 32767 else np.uint16)
     extra = {}
     if class_names is not None:
-        extra[classes_sidecar(path)] = {str(int(k)): str(v) for k, v in sorted(class_names.items())}
+        names = {str(int(k)): str(v) for k, v in sorted(class_names.items())}
+        _check_shared_sidecar(path, names)
+        extra[classes_sidecar(path)] = names
     return _write_volume(path, labels.astype(dtype), geometry, overwrite, "label", extra)
+
+
+def _check_shared_sidecar(path: Path, names: dict[str, str]) -> None:
+    """Refuse to rewrite the class names of another label file that shares ``path``'s stem
+    (``seg.nii.gz`` and ``seg.tif`` both use ``seg.classes.json``) with different names."""
+    sidecar = classes_sidecar(path)
+    stem = _split_suffix(path)[0]
+    others = [path.with_name(stem + suffix) for suffix in NIFTI_SUFFIXES + TIFF_SUFFIXES]
+    others = [o for o in others if o.name != path.name and o.exists()]
+    if not others or not sidecar.is_file():
+        return
+    try:
+        current = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if current != names:
+        raise MaskSAMError(f"{sidecar.name} holds the class names of {others[0].name}, which differ from these "
+                           f"labels'; writing {path.name} would rename its classes: save it under another name "
+                           f"(e.g. {stem}_2{_split_suffix(path)[1]})")
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray, geometry: ImageGeometry, *,
