@@ -292,7 +292,22 @@ def test_errors_are_clear(phantom, tmp_path, capsys, trained):
     assert "--num-queries 2 is less than the data set's 3 classes" in capsys.readouterr().err
 
     assert main(["train", str(phantom), "--out", str(tmp_path / "lr"), *SETTINGS, "--lr", "-1"]) == 1
-    assert "--lr -1.0 is out of range" in capsys.readouterr().err
+    assert "--lr -1.0 is out of range: it must be positive" in capsys.readouterr().err
+    for flags, text in ((["--epochs", "0"], "--epochs 0 is out of range: it must be 1 or more"),
+                        (["--val-fraction", "1.5"], "--val-fraction 1.5 is out of range: it must be at least 0"),
+                        (["--val-fraction", "-0.2"], "--val-fraction -0.2 is out of range"),
+                        (["--weight-decay", "-1"], "--weight-decay -1.0 is out of range: it must be 0 or more"),
+                        (["--patch-size", "0", "0", "0"], "--patch-size 0 0 0 is out of range: it must be 3 positive")):
+        assert main(["train", str(phantom), "--out", str(tmp_path / "bad"), *SETTINGS, *flags]) == 1, flags
+        assert text in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+
+    other = make_phantom_dataset(tmp_path / "Dataset901_Other", cases=2, shape=(64, 64, 8))
+    cache = sorted(p.name for p in (trained.out / "preprocessed").iterdir())
+    assert main(["train", str(other), "--out", str(trained.out), "--resume"]) == 1
+    assert (f"{trained.out} was trained on Dataset900_Phantom, not Dataset901_Other: resume with the data set the "
+            "run began with") in capsys.readouterr().err
+    assert sorted(p.name for p in (trained.out / "preprocessed").iterdir()) == cache  # the run's cache untouched
 
     assert main(["train", str(phantom), "--out", str(trained.out), "--resume", "--preset", "lite"]) == 1
     assert "was trained with --preset tiny, not lite" in capsys.readouterr().err

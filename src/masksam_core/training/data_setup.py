@@ -98,6 +98,26 @@ def patch_fit_note(patch_size: tuple[int, int, int], median_shape: Any) -> str:
             f"runs {(h // side) ** 2}x fewer pixels through SAM per slice (SAM's input shrinks with it)")
 
 
+def check_same_dataset(spec: Any, plans: dict[str, Any], out: Path) -> None:
+    """A resumed run trains on the data set it began with: same name, channels and classes
+    (the folder may have moved). Raises MaskSAMError naming what differs."""
+    from ..data.plans import _class_names
+
+    was, now = plans.get("dataset_name"), spec.name
+    classes = _class_names(spec)
+    channels = {str(k): str(v) for k, v in spec.channel_names.items()}
+    what = None
+    if was is not None and was != now:
+        what = f"was trained on {was}, not {now}"
+    elif plans.get("class_names") is not None and list(plans["class_names"]) != classes:
+        what = f"has the classes {list(plans['class_names'])}, this data set {classes}"
+    elif plans.get("channel_names") is not None and dict(plans["channel_names"]) != channels:
+        what = f"has the channels {dict(plans['channel_names'])}, this data set {channels}"
+    if what:
+        raise MaskSAMError(f"{out} {what}: resume with the data set the run began with (it may have moved), "
+                           "or start a new run with another --out")
+
+
 def _plans(config: Any, spec: Any, out: Path, plans: dict[str, Any] | None,
            patch_size: tuple[int, int, int]) -> dict[str, Any]:
     """The run's plans: given (resuming: the checkpoint's), else made and saved by rank 0, then read."""
@@ -126,6 +146,8 @@ def prepare_data(config: Any, out: Path, *, patch_size: tuple[int, int, int],
     Under DDP rank 0 plans and preprocesses while the others wait at a barrier, then read its files.
     """
     spec = load_checked_dataset(config.dataset)
+    if plans is not None:
+        check_same_dataset(spec, plans, out)  # before the cache is touched
     plans = _plans(config, spec, out, plans, patch_size)
     cache = Path(config.cache_dir) if config.cache_dir else out / "preprocessed"
     # rank 0 preprocesses (or finds the cache valid); the others wait here and take its list of files

@@ -194,22 +194,32 @@ class Trainer:
             if c.epochs is not None and c.epochs < done:
                 raise MaskSAMError(f"{self.out} has already trained {done} epochs: pass --epochs {done + 1} or "
                                    "more to extend it")
-            self.epochs = c.epochs or total
+            self.epochs = total if c.epochs is None else c.epochs
             self.history = list(saved.get("history") or ckpt_io.read_metrics(self.out / "metrics.jsonl", done))
         else:
             self.config = ckpt_io.resolve_config(c)
-            self.epochs = c.epochs or get_preset(self.config.preset).epochs
+            self.epochs = get_preset(self.config.preset).epochs if c.epochs is None else c.epochs
         c = self.config
         if c.augmentation not in AUGMENTATIONS:
             raise MaskSAMError(f"--augmentation {c.augmentation} is unknown: choose one of {', '.join(AUGMENTATIONS)}")
-        for flag, value, ok in (("--epochs", self.epochs, self.epochs >= 1),
-                                ("--iters-per-epoch", c.iters_per_epoch, c.iters_per_epoch >= 1),
-                                ("--batch-size", c.batch_size, c.batch_size >= 1), ("--lr", c.lr, c.lr > 0),
-                                ("--val-every", c.val_every, c.val_every >= 1),
-                                ("--num-workers", c.num_workers, c.num_workers >= 0),
-                                ("--time-limit", c.time_limit, c.time_limit is None or c.time_limit > 0)):
+        positive, at_least_0 = "must be positive", "must be 0 or more"
+        for flag, value, ok, rule in (
+                ("--epochs", self.epochs, self.epochs >= 1, "must be 1 or more"),
+                ("--iters-per-epoch", c.iters_per_epoch, c.iters_per_epoch >= 1, "must be 1 or more"),
+                ("--batch-size", c.batch_size, c.batch_size >= 1, "must be 1 or more"),
+                ("--lr", c.lr, c.lr > 0, positive), ("--weight-decay", c.weight_decay, c.weight_decay >= 0, at_least_0),
+                ("--val-every", c.val_every, c.val_every >= 1, "must be 1 or more"),
+                ("--val-fraction", c.val_fraction, 0 <= c.val_fraction < 1,
+                 "must be at least 0 (no validation) and below 1 (some data must be left to train on)"),
+                ("--num-workers", c.num_workers, c.num_workers >= 0, at_least_0),
+                ("--time-limit", c.time_limit, c.time_limit is None or c.time_limit > 0, "must be positive (minutes)"),
+                ("--patch-size", c.patch_size, c.patch_size is None or min(c.patch_size) >= 1,
+                 "must be 3 positive sizes T H W"),
+                ("--num-queries", c.num_queries, c.num_queries is None or c.num_queries >= 1, "must be 1 or more"),
+                ("--sam-image-size", c.sam_image_size, c.sam_image_size is None or c.sam_image_size >= 1, positive)):
             if not ok:
-                raise MaskSAMError(f"{flag} {value} is out of range: it must be positive (--num-workers: 0 or more)")
+                shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+                raise MaskSAMError(f"{flag} {shown} is out of range: it {rule}")
         return saved
 
     # ------------------------------------------------------------------ loop
