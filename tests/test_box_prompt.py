@@ -158,7 +158,7 @@ def test_box_errors():
     assert check_boxes([np.array([0, 4, 0, 0, 20, 30])], shape) == [(0, 4, 0, 0, 20, 30)]
     with pytest.raises(MaskSAMError, match="unknown model 'vit_x'.*lite, vit_b, vit_l, vit_h"):
         BoxPrompter("vit_x", device="cpu")
-    with pytest.raises(MaskSAMError, match="checkpoint file not found"):
+    with pytest.raises(MaskSAMError, match="weights file not found"):
         BoxPrompter("vit_b", device="cpu", checkpoint="/nonexistent/sam_vit_b.pth")
     with pytest.raises(MaskSAMError, match=r"one \(Z, Y, X\) volume"):
         _tiny_prompter().segment(np.zeros((1, 2, 8, 8)), [(0, 1, 0, 0, 4, 4)])
@@ -256,6 +256,12 @@ def test_cli_gt_run_end_to_end_and_errors(tmp_path, capsys):
     assert "Z0=2 must be below Z1=2" in capsys.readouterr().err
     assert main([*args, "--box", "0", "2", "0", "0", "4", "10", "--overwrite", "--model", "sam2"]) == 1
     assert "unknown model 'sam2'" in capsys.readouterr().err
+    # seg.tif would share seg.classes.json with seg.nii.gz: refused before any box is segmented
+    tif = ["prompt", "-i", str(tmp_path / "scan.nii.gz"), "-o", str(tmp_path / "seg.tif"), "--model", "no-such-model"]
+    assert main([*tif, "--box", "1", "3", "5", "5", "30", "40"]) == 1
+    assert f"{tmp_path / 'seg.classes.json'} already exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*tif, "--box", "1", "3", "5", "5", "30", "40", "--box", "1", "3", "0", "0", "4", "4", "--overwrite"]) == 1
+    assert "seg.classes.json holds the class names of seg.nii.gz" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -144,6 +144,14 @@ def test_num_training_mismatch(ds):
     _only(check_dataset(ds), ds / "dataset.json", "numTraining is 3 but the data set holds 2 case(s)")
 
 
+def test_a_data_set_without_cases(ds, capsys):
+    for folder in ("imagesTr", "labelsTr"):
+        for f in (ds / folder).iterdir():
+            f.unlink()
+    _only(check_dataset(ds), ds / "imagesTr", "no cases: put each case's images in imagesTr as {case}_0000.nii.gz")
+    assert main(["check", str(ds)]) == 1  # not "OK": train would refuse it
+
+
 def test_images_without_label(ds):
     (ds / "labelsTr" / "case_b.nii.gz").unlink()
     _only(check_dataset(ds), ds / "imagesTr" / "case_b_0000.nii.gz", "image without label",

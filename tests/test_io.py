@@ -185,6 +185,18 @@ def test_tiff_imagej_units_and_nnunet_sidecar(tmp_path):
     assert read_image(tmp_path / "um.tif")[1].spacing == (4.0, 1.0, 1.5)
 
 
+def test_ome_tiff_physical_sizes(tmp_path):
+    stack = np.arange(60, dtype=np.uint16).reshape(3, 4, 5)
+    sizes = {"PhysicalSizeZ": 2.0, "PhysicalSizeY": 0.5, "PhysicalSizeX": 250.0, "PhysicalSizeXUnit": "nm"}
+    tifffile.imwrite(tmp_path / "cells.ome.tif", stack, metadata={"axes": "ZYX", **sizes})  # Z, Y in the default um
+    array, geometry = read_image(tmp_path / "cells.ome.tif")
+    assert np.array_equal(array, stack)
+    np.testing.assert_allclose(geometry.spacing, (2e-3, 5e-4, 2.5e-4), rtol=1e-9)
+    tifffile.imwrite(tmp_path / "partial.ome.tif", stack, metadata={"axes": "ZYX", "PhysicalSizeX": 0.5})
+    with pytest.warns(UserWarning, match="no spacing found"):  # not all three sizes: not used
+        assert read_image(tmp_path / "partial.ome.tif")[1].spacing == (1.0, 1.0, 1.0)
+
+
 def test_tiff_without_spacing_warns(tmp_path):
     tifffile.imwrite(tmp_path / "plain.tiff", np.zeros((3, 4, 5), np.float32), photometric="minisblack")
     with pytest.warns(UserWarning, match="no spacing found"):

@@ -360,3 +360,14 @@ def test_real_ct_dataset(shared_data, tmp_path):
     assert fg.mean() == pytest.approx(ref.mean(), abs=1e-4) and fg.std() == pytest.approx(ref.std(), abs=1e-4)
     # so the foreground is centred but its std is below 1 (clipping removes the gas tail the std was taken on)
     assert abs(fg.mean()) < 0.1 and 0.3 < fg.std() <= 1.0
+
+
+def test_an_implausible_voxel_size_is_a_clear_error():
+    from masksam_core.data.preprocess import _target_shape
+
+    plans = {"target_spacing": [3.0, 1.0, 1.0]}
+    assert _target_shape((40, 200, 200), (3.0, 0.5, 0.5), plans) == (40, 100, 100)
+    with pytest.raises(MaskSAMError, match=r"becomes \(0, 0, 0\) voxels .* the voxel size looks wrong"):
+        _target_shape((40, 200, 200), (0.003, 0.001, 0.001), plans)  # micrometres written as millimetres
+    with pytest.raises(MaskSAMError, match="voxel size looks wrong"):
+        _target_shape((40, 200, 200), (300.0, 100.0, 100.0), plans)  # 100x upsampling in every axis

@@ -123,9 +123,9 @@ def test_ctrl_c_mid_epoch_saves_and_resume_equals_straight_run(phantom, straight
     err_log = tmp_path / "first.err"
     wait_for(lambda: "epoch 2/4:" in err_log.read_text(encoding="utf-8"), proc, "epoch 2 started")
     proc.send_signal(signal.SIGINT)  # during the first of the epoch's two iterations
-    assert proc.wait(300) == 0, err_log.read_text(encoding="utf-8")[-3000:]
+    assert proc.wait(300) == 128 + signal.SIGINT, err_log.read_text(encoding="utf-8")[-3000:]  # not "finished"
     out, err = (tmp_path / "first.out").read_text(encoding="utf-8"), err_log.read_text(encoding="utf-8")
-    assert "stopping after this iteration and saving a checkpoint" in err
+    assert "stopping after this iteration (or this validation window) and saving a checkpoint" in err
     assert re.search(r"interrupted: saved .*checkpoint_last\.pt at epoch 2, iteration 1; continue with --resume", out)
     stopped = checkpoint(run)
     assert (stopped["epoch"], stopped["iteration"]) == (1, 1)
@@ -207,7 +207,7 @@ def test_time_limit_stops_and_saves(phantom, tmp_path, capsys):
     run = tmp_path / "run"
     rc = main(["train", str(phantom), "--out", str(run), *SETTINGS, "--epochs", "4", "--num-workers", "0",
                "--time-limit", "0.0001"])
-    assert rc == 0
+    assert rc == 75  # EX_TEMPFAIL: saved, to be resumed
     out = capsys.readouterr().out
     assert "time limit of 0.0001 minutes reached: saved" in out and "epoch 1, iteration 1" in out
     state = checkpoint(run)
@@ -505,3 +505,33 @@ def test_patch_fit_note_suggests_the_smallest_halved_patch_that_holds_the_median
     assert "--patch-size 9 64 64 " in patch_fit_note((9, 512, 512), [8.0, 10.0, 10.0])  # never below 64
     assert patch_fit_note((4, 64, 64), [8.0, 10.0, 10.0]) == ""
     assert patch_fit_note((4, 192, 192), [8.0, 10.0, 10.0]) == ""  # 96 is no multiple of 64 (lite needs one)
+
+
+def test_validation_reports_progress_and_a_stop_ends_it(phantom, tmp_path):
+    """Validation yields its windows; a stop request during it ends the run after that window,
+    with the epoch's training saved (unscored) and resumable; one before training saves nothing."""
+    config = dict(preset="tiny", epochs=3, iters_per_epoch=1, batch_size=1, patch_size=(2, 64, 64),
+                  val_cases=("ph_002",), device="cpu", num_workers=0, seed=5)
+    early = Trainer(TrainConfig(str(phantom), str(tmp_path / "early"), **config))
+    early.request_stop("interrupted")
+    events = list(early.run())
+    assert events[-1].kind == "stopped" and "interrupted before training began: nothing was trained" in events[-1].message
+    assert not (tmp_path / "early" / "checkpoint_last.pt").exists()
+    assert not [e for e in events if e.kind == "iteration"]
+
+    trainer = Trainer(TrainConfig(str(phantom), str(tmp_path / "run"), **config))
+    kinds, windows = [], []
+    for event in trainer.run():
+        kinds.append(event.kind)
+        if event.kind == "validation":
+            windows.append((event.iteration, event.iterations))
+            trainer.request_stop("interrupted")
+    assert windows == [(1, windows[0][1])] and windows[0][1] > 1  # the stop came after the first window
+    assert kinds[-2:] == ["epoch", "stopped"]
+    state = checkpoint(tmp_path / "run")
+    assert (state["epoch"], state["iteration"]) == (1, 0)
+    assert [("val_dice" in row) for row in metrics(tmp_path / "run")] == [False]
+    resumed = Trainer(TrainConfig(str(phantom), str(tmp_path / "run"), resume=True, num_workers=0, device="cpu"))
+    events = list(resumed.run())
+    assert events[-1].kind == "done" and [r["epoch"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
+    assert "val_dice" in metrics(tmp_path / "run")[-1]

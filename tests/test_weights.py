@@ -146,7 +146,7 @@ def test_checkpoint_bypasses_registry(tmp_path: Path, monkeypatch: pytest.Monkey
     own = tmp_path / "mine.pth"
     own.write_bytes(b"not checked")
     assert weights.fetch("vit_h", checkpoint=own) == own
-    with pytest.raises(WeightsError, match="checkpoint file not found"):
+    with pytest.raises(WeightsError, match="weights file not found"):
         weights.fetch("vit_h", checkpoint=tmp_path / "missing.pth")
 
 

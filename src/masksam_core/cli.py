@@ -46,6 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"masksam-core {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # the file system refused (space, permissions, a path in the way): no traceback
+        print(f"masksam-core {args.command}: error: {error}; check the paths, their permissions and the free "
+              "space", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

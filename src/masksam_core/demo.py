@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MaskSAMError
+from .errors import MaskSAMError, check_output_folder
 
 __all__ = ["DEMO_MODEL", "OUTPUTS", "demo_iter", "montage", "run_demo", "sample_paths"]
 
@@ -202,6 +202,7 @@ def demo_iter(out: str | os.PathLike, *, model: str | os.PathLike = DEMO_MODEL, 
     from .io import read_image, write_labels
 
     out = Path(out)
+    check_output_folder(out, "--out")
     existing = [out / name for name in OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
         raise MaskSAMError(f"{out} already holds demo results ({existing[0].name}, ...): pass --overwrite or "

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .errors import MaskSAMError
 from .modeling.presets import PRESETS, build_model, get_preset
 
 
@@ -67,6 +68,10 @@ def format_info(info: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.num_classes is not None and args.num_classes < 2:
+        raise MaskSAMError(f"--num-classes {args.num_classes}: counts the background too, so it is 2 or more")
+    if args.in_channels < 1:
+        raise MaskSAMError(f"--in-channels {args.in_channels}: a scan has 1 or more channels")
     names = list(PRESETS) if args.preset == "all" else [args.preset]
     infos = [preset_info(n, num_classes=args.num_classes, in_channels=args.in_channels) for n in names]
     if args.json:

@@ -365,12 +365,12 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, geometry: ImageGeo
     extra = {}
     if class_names is not None:
         names = {str(int(k)): str(v) for k, v in sorted(class_names.items())}
-        _check_shared_sidecar(path, names)
+        check_classes_sidecar(path, names)
         extra[classes_sidecar(path)] = names
     return _write_volume(path, labels.astype(dtype), geometry, overwrite, "label", extra)
 
 
-def _check_shared_sidecar(path: Path, names: dict[str, str]) -> None:
+def check_classes_sidecar(path: Path, names: dict[str, str]) -> None:
     """Refuse to rewrite the class names of another label file that shares ``path``'s stem
     (``seg.nii.gz`` and ``seg.tif`` both use ``seg.classes.json``) with different names."""
     sidecar = classes_sidecar(path)

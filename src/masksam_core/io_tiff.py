@@ -1,7 +1,8 @@
-"""The spacing of a 3D TIFF for :mod:`masksam_core.io`: sidecar JSON, ImageJ metadata, or 1 mm.
+"""The spacing of a 3D TIFF for :mod:`masksam_core.io`: sidecar JSON, OME or ImageJ metadata, or 1 mm.
 
-A sidecar ``{"spacing": [sz, sy, sx]}`` (mm) wins; else ImageJ's ``spacing`` (Z) and X/Y resolution
-tags (pixels per unit) in its ``unit``, converted to mm; else 1.0 mm with a warning.
+A sidecar ``{"spacing": [sz, sy, sx]}`` (mm) wins; else OME-XML's ``PhysicalSizeZ/Y/X`` in their
+units (micrometres by default, as the OME schema says); else ImageJ's ``spacing`` (Z) and X/Y
+resolution tags (pixels per unit) in its ``unit``, converted to mm; else 1.0 mm with a warning.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tifffile
 from .errors import MaskSAMError
 
 UNIT_MM = {"mm": 1.0, "millimeter": 1.0, "millimetre": 1.0, "cm": 10.0, "m": 1000.0, "nm": 1e-6,
-           "um": 1e-3, "micron": 1e-3, "microns": 1e-3, "\u00b5m": 1e-3, "\\u00b5m": 1e-3}
+           "um": 1e-3, "micron": 1e-3, "microns": 1e-3, "\u00b5m": 1e-3, "\u03bcm": 1e-3, "\\u00b5m": 1e-3}
 
 
 def tiff_spacing(path: Path, tif: tifffile.TiffFile, sidecars: Sequence[Path]) -> tuple[float, float, float]:
@@ -33,6 +34,9 @@ def tiff_spacing(path: Path, tif: tifffile.TiffFile, sidecars: Sequence[Path]) -
                 raise MaskSAMError(f"{sidecar}: 'spacing' must be 3 positive numbers [sz, sy, sx] "
                                    f"in mm, got {list(spacing)}")
             return spacing  # type: ignore[return-value]
+    ome = _ome_spacing(path, tif)
+    if ome is not None:
+        return ome
     meta, tags = tif.imagej_metadata or {}, tif.pages[0].tags
     if meta and "XResolution" in tags and "YResolution" in tags:  # pixels per unit, as (num, den)
         unit = str(meta.get("unit", "mm")).strip().lower()
@@ -46,3 +50,28 @@ def tiff_spacing(path: Path, tif: tifffile.TiffFile, sidecars: Sequence[Path]) -
                   "metadata); using 1.0 mm. Write {\"spacing\": [sz, sy, sx]} to "
                   f"{sidecars[0].name} to set it.", stacklevel=3)
     return (1.0, 1.0, 1.0)
+
+
+def _ome_spacing(path: Path, tif: tifffile.TiffFile) -> tuple[float, float, float] | None:
+    """(sz, sy, sx) mm from the first image's OME-XML ``Pixels`` (all three sizes given), else None."""
+    import xml.etree.ElementTree as ElementTree
+
+    xml = tif.ome_metadata if tif.is_ome else None
+    if not xml:
+        return None
+    try:
+        pixels = next(e for e in ElementTree.fromstring(xml).iter() if e.tag.rsplit("}", 1)[-1] == "Pixels")
+    except (ElementTree.ParseError, StopIteration):
+        return None
+    sizes = []
+    for axis in "ZYX":
+        value = pixels.get(f"PhysicalSize{axis}")
+        unit = pixels.get(f"PhysicalSize{axis}Unit", "\u00b5m").strip().lower()
+        if value is None:
+            return None
+        if unit not in UNIT_MM or float(value) <= 0:
+            warnings.warn(f"{path}: OME PhysicalSize{axis} {value} {unit!r} cannot be used; ignoring the OME sizes",
+                          stacklevel=4)
+            return None
+        sizes.append(float(value) * UNIT_MM[unit])
+    return sizes[0], sizes[1], sizes[2]

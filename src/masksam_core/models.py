@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import MaskSAMError
+from .errors import MaskSAMError, check_output_folder
 
 __all__ = ["BUNDLED", "asset_path", "bundled_models", "export_model", "find_model", "model_card_path"]
 
@@ -87,8 +87,14 @@ def export_model(run: str | Path, out: str | Path, *, half: bool = True, overwri
     from .training.checkpoint import atomic_save, load_checkpoint, resolve_run
 
     out = Path(out)
+    if out.is_dir():
+        raise MaskSAMError(f"{out} is a folder: give the model file's name, e.g. {out / 'model.pt'}")
+    if out.suffix != ".pt":
+        raise MaskSAMError(f"{out}: name the model file .pt (e.g. {out.with_name(out.name.split('.')[0] + '.pt')}), "
+                           "the name predict, the napari widgets and Browse... look for")
     if out.exists() and not overwrite:
         raise MaskSAMError(f"{out} exists: choose another name or pass --overwrite")
+    check_output_folder(out.parent, "-o (its folder)")
     ckpt = load_checkpoint(resolve_run(run))
     if ckpt.get("kind") == MODEL_KIND:
         raise MaskSAMError(f"{run} is already a model file")

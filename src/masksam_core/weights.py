@@ -184,8 +184,8 @@ def fetch(name: str, *, checkpoint: str | os.PathLike[str] | None = None, progre
     if checkpoint is not None:
         given = Path(checkpoint).expanduser()
         if not given.is_file():
-            raise WeightsError(f"checkpoint file not found: {given} (for --model {name}); "
-                               "check the path")
+            raise WeightsError(f"weights file not found: {given} (given for the {name} backbone with "
+                               "--checkpoint or --base-checkpoint); check the path")
         return given
     if info.url is None:
         found = _lite_path()
@@ -215,8 +215,8 @@ def _download(info: WeightsInfo, dest: Path, *, progress: bool, base_url: str | 
     by_hand = (
         f"If this machine has no network access, download {info.url} by hand (sha256 "
         f"{info.sha256}, {info.size:,} bytes) and place it at {dest}, where the napari widgets and "
-        f"every command find it (set {CACHE_ENV} to use another cache folder), or give its path to a "
-        f"command with --checkpoint PATH."
+        f"every command find it (set {CACHE_ENV} to use another cache folder), or give its path with "
+        f"--base-checkpoint PATH (train, predict, demo) or --checkpoint PATH (prompt)."
     )
     try:
         fetched = Path(registry.fetch(info.filename, downloader=downloader, progressbar=progress))
@@ -235,7 +235,8 @@ def _download(info: WeightsInfo, dest: Path, *, progress: bool, base_url: str | 
     except OSError as error:
         raise WeightsError(f"cannot write to the cache folder {dest.parent}: {error}. Set "
                            f"{CACHE_ENV} to a writable folder (before starting napari or the command), or "
-                           "give a downloaded file to a command with --checkpoint PATH") from error
+                           "give a downloaded file with --base-checkpoint PATH (train, predict, demo) or "
+                           "--checkpoint PATH (prompt)") from error
     _VERIFIED[_stat_key(fetched)] = info.sha256  # pooch checked it
     return fetched
 

@@ -350,6 +350,9 @@ class TrainWidget(Container):
             done = self.progress.value = event.epoch * n + event.iteration
             self.plot.add_iteration(event.epoch + event.iteration / n, event.loss)
             self.stats.value = f"loss {event.loss:.4f} · lr {event.lr:.2e}" + self._speed(done)
+        elif event.kind == "validation":
+            self.status.value = (f"epoch {event.epoch}/{event.epochs}: validating, "
+                                 f"{event.iteration}/{event.iterations} windows")
         elif event.kind == "epoch":
             from masksam_core.training.cli import epoch_line
 

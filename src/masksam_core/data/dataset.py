@@ -305,6 +305,10 @@ def check_dataset(root: str | os.PathLike, *, deep: bool = True,
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for case_problems in pool.map(lambda case: _check_case(spec, case, deep), cases):
             problems += case_problems
+    if not cases and not name_problems:
+        problems.append(Problem(root / "imagesTr", f"no cases: put each case's images in imagesTr as "
+                                                   f"{{case}}_0000{spec.file_ending} and its labels in labelsTr as "
+                                                   f"{{case}}{spec.file_ending}"))
     if not problems and isinstance(num_training, int) and num_training != len(cases):
         problems.append(Problem(root / "dataset.json", f"numTraining is {num_training} but the "
                                                        f"data set holds {len(cases)} case(s); fix "

@@ -192,7 +192,13 @@ def resample_to_shape(array: np.ndarray, shape: Sequence[int], *, current_spacin
 def _target_shape(shape: Sequence[int], spacing: Sequence[float], plans: dict) -> tuple[int, ...]:
     if len(spacing) != 3 or min(spacing) <= 0:
         raise PlansError(f"spacing {tuple(spacing)} must be three positive numbers (sz, sy, sx) in mm")
-    return compute_new_shape(shape, spacing, plans["target_spacing"])
+    new = compute_new_shape(shape, spacing, plans["target_spacing"])
+    if min(new) < 1 or max(n / max(int(o), 1) for n, o in zip(new, shape)) > 64:
+        target = tuple(float(t) for t in plans["target_spacing"])
+        raise PlansError(f"at {tuple(float(s) for s in spacing)} mm per voxel this {tuple(int(n) for n in shape)} scan "
+                         f"becomes {new} voxels at the model's {target} mm: the voxel size looks wrong (micrometres or "
+                         "centimetres stored as millimetres?); fix it in the file's header (or the TIFF sidecar)")
+    return new
 
 
 def preprocess_image(image: np.ndarray, spacing: Sequence[float], plans: dict) -> np.ndarray:

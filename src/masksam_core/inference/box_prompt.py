@@ -286,13 +286,19 @@ class BoxPrompter:
 def _cli(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..io import NIFTI_SUFFIXES, TIFF_SUFFIXES, read_image, write_labels
+    from ..errors import check_output_folder
+    from ..io import NIFTI_SUFFIXES, TIFF_SUFFIXES, check_classes_sidecar, classes_sidecar, read_image, write_labels
 
     out = Path(args.output)
     if not out.name.lower().endswith(NIFTI_SUFFIXES + TIFF_SUFFIXES):
         raise MaskSAMError(f"{out}: name the output .nii.gz, .nii, .tif or .tiff")
-    if out.exists() and not args.overwrite:
-        raise MaskSAMError(f"{out} already exists; pass --overwrite to replace it, or choose another output name")
+    for target in (out, classes_sidecar(out)):  # checked before the boxes are segmented, not after
+        if target.exists() and not args.overwrite:
+            raise MaskSAMError(f"{target} already exists; pass --overwrite to replace it, or choose another output "
+                               "name")
+    check_output_folder(out.parent, "-o (its folder)")
+    names = {0: "background", **{i: f"box_{i}" for i in range(1, len(args.box) + 1)}}
+    check_classes_sidecar(out, {str(k): v for k, v in names.items()})
     model = args.model
     if model not in BASE_MODELS and not (_is_run(model) and Path(model).exists()):
         raise MaskSAMError(f"unknown model {model!r}: use one of {', '.join(BASE_MODELS)} or an existing run folder "
@@ -305,7 +311,6 @@ def _cli(args: argparse.Namespace) -> int:
               dynamic_ncols=True) as bar:
         labels = run_generator(prompter.segment_iter(volume, boxes, spacing=geometry.spacing),
                                lambda p: (setattr(bar, "total", p.total), bar.update(p.done - bar.n)))
-    names = {0: "background", **{i: f"box_{i}" for i in range(1, len(boxes) + 1)}}
     write_labels(out, labels, geometry, class_names=names, overwrite=args.overwrite)
     found = ", ".join(f"box {i}: {int((labels == i).sum())} voxels" for i in range(1, len(boxes) + 1))
     print(f"wrote {out} ({found})")

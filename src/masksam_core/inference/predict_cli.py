@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..devices import AMP_CHOICES, AMP_HELP, DEVICE_CHOICES
-from ..errors import MaskSAMError
+from ..errors import MaskSAMError, check_output_folder
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff")
@@ -267,10 +267,13 @@ def run(args: argparse.Namespace) -> int:
     from .predictor import Predictor
 
     source, out_dir = Path(args.input), Path(args.output)
+    if not 0 < args.step_size <= 1:
+        raise MaskSAMError(f"--step-size {args.step_size}: give a fraction of the window in (0, 1] (0.5: half overlap)")
+    if args.batch_size < 1:
+        raise MaskSAMError(f"--batch-size {args.batch_size}: give 1 or more windows per step")
     if source.is_dir() and out_dir.resolve() == source.resolve():
         raise MaskSAMError(f"-o {out_dir} is the input folder; write the results to another folder")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MaskSAMError(f"-o {out_dir} is a file; give a folder for the results")
+    check_output_folder(out_dir, "-o")
     cases = find_cases(source, exclude=out_dir)
     if not cases:
         raise MaskSAMError(f"{source}: no images found; expected {{case}}_0000.nii.gz (nnU-Net naming), "

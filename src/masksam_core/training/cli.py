@@ -12,6 +12,7 @@ from ..devices import AMP_CHOICES, DEVICE_CHOICES
 from ..modeling.presets import PRESETS
 
 # always it/s (tqdm's default switches to s/it below 1 it/s), then loss and lr from the postfix
+EXIT_STOPPED = 75  # stopped by --time-limit (or another rank) with a checkpoint saved: resume later (EX_TEMPFAIL)
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
 
 
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt
         signals.append(signum)
         if show:
-            print("\nstopping after this iteration and saving a checkpoint (Ctrl-C again to abort)",
+            print("\nstopping after this iteration (or this validation window) and saving a checkpoint "
+                  "(Ctrl-C again to abort)",
                   file=sys.stderr, flush=True)
         trainer.request_stop("interrupted" if signum == signal.SIGINT else f"stopped by signal {signum}")
 
@@ -66,13 +68,20 @@ def run(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = None
     epoch_seconds: list[float] = []
+    stopped = False
     try:
         for event in trainer.run():
+            stopped = stopped or event.kind == "stopped"
             if not show:
                 continue
             if event.kind == "epoch_start":
                 bar = tqdm(total=event.iterations, initial=event.iteration, unit="it", dynamic_ncols=True,
                            desc=f"epoch {event.epoch + 1}/{event.epochs}", bar_format=BAR_FORMAT, file=sys.stderr)
+            elif event.kind == "validation":
+                if bar is None:
+                    bar = tqdm(total=event.iterations, unit="window", dynamic_ncols=True, file=sys.stderr,
+                               desc=f"validation {event.epoch}/{event.epochs}", bar_format=BAR_FORMAT)
+                bar.update(event.iteration - bar.n)
             elif event.kind == "iteration":
                 if bar is not None:
                     bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
@@ -97,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return 0
+    if not stopped:
+        return 0
+    return 128 + signals[0] if signals else EXIT_STOPPED  # a shell's `train ... && export` goes no further
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:

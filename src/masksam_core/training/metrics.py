@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,22 @@ def validate(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_n
 
     Returns ``val_dice`` (foreground class name -> Dice averaged over the volumes holding the class,
     None where none does) and ``val_mean_dice`` (their mean; 0.0 when no class was present). Leaves
-    ``model`` in eval mode.
+    ``model`` in eval mode. :func:`validate_iter` is the same with progress and a way to stop.
     """
-    from ..inference.sliding_window import run as run_windows
+    gen = validate_iter(model, volumes, class_names, device, amp)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as done:
+            return done.value
+
+
+def validate_iter(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_names: Sequence[str],
+                  device: torch.device, amp: torch.dtype | None,
+                  should_stop: Callable[[], bool] | None = None) -> Generator[tuple[int, int], None, dict | None]:
+    """:func:`validate` yielding (windows done, windows in all) after each window; returns None,
+    without scoring, as soon as ``should_stop()`` is true after a window."""
+    from ..inference.predictor import count_windows
     from ..inference.sliding_window import sliding_window
     from ..modeling import gt_prompts, semantic_scores
 
@@ -51,13 +64,23 @@ def validate(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_n
             out = model(image, prompts)
         return semantic_scores(out["pred_logits"], out["pred_masks"])
 
-    dices = []
+    total = sum(count_windows(np.shape(image)[1:], model.patch_size, 0.5) for image, _ in volumes)
+    dices, done = [], 0
     for image, labels in volumes:
         volume = torch.from_numpy(np.array(image, dtype=np.float32))
         if gt_mode:
             volume = torch.cat([volume, torch.from_numpy(np.array(labels, dtype=np.float32))[None]])
-        scores = run_windows(sliding_window(volume, predictor, model.patch_size, device=device,
-                                            accumulate_on="cpu", batch_size=1))
+        windows = sliding_window(volume, predictor, model.patch_size, device=device, accumulate_on="cpu", batch_size=1)
+        while True:
+            try:
+                progress = next(windows)
+            except StopIteration as finished:
+                scores = finished.value
+                break
+            yield done + progress.done, total
+            if should_stop is not None and should_stop():
+                return None
+        done += progress.total
         dices.append(dice_per_class(scores.argmax(0).numpy(), np.asarray(labels), c))
     table = np.array(dices, dtype=np.float64)
     present = np.isfinite(table).sum(axis=0)

@@ -27,13 +27,13 @@ import torch
 
 from ..data.augment import AUGMENTATIONS
 from ..devices import autocast_dtype, available_devices, compile_errors, reuse_freed_memory
-from ..errors import MaskSAMError
+from ..errors import MaskSAMError, check_output_folder
 from ..modeling import build_model, gt_prompts
 from ..modeling.presets import get_preset
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .data_setup import patch_fit_note, prepare_data
-from .metrics import validate, write_curves
+from .metrics import validate_iter, write_curves
 
 @dataclass
 class TrainConfig:
@@ -71,7 +71,8 @@ class TrainConfig:
 
 @dataclass
 class TrainEvent:
-    """What the trainer reports: ``kind`` is setup, epoch_start, iteration, epoch, stopped or done."""
+    """What the trainer reports: ``kind`` is setup, epoch_start, iteration, validation (``iteration``
+    windows done of ``iterations``), epoch, stopped or done."""
 
     kind: str
     epoch: int = 0
@@ -173,6 +174,7 @@ class Trainer:
     def _start(self, last_path: Path) -> dict[str, Any] | None:
         """Check RUN_DIR against --resume; resolve the settings; returns the checkpoint when resuming."""
         c = self.config
+        check_output_folder(self.out, "--out")
         if not c.resume and last_path.exists():
             raise MaskSAMError(
                 f"{self.out} already holds a run (checkpoint_last.pt): pass --resume to continue it, "
@@ -260,6 +262,14 @@ class Trainer:
                          + (" with gradient checkpointing" if self.model.grad_checkpointing else "")
                          + (f" ({self.recompute_reason}; --no-grad-checkpointing turns it off)"
                             if self.recompute_reason else ""))
+        (stop_now,) = dist.any_flags(self._stop)  # asked to stop while the data were prepared
+        if stop_now:
+            dist.cleanup()
+            kept = "the run's checkpoint is unchanged; continue with --resume" if saved is not None else \
+                "nothing was trained or saved; the preprocessed data are kept for the next start"
+            yield TrainEvent("stopped", start_epoch, self.epochs, message=f"{self._reason()} before training began: "
+                             + kept)
+            return last_path
         if start_epoch >= self.epochs:
             dist.cleanup()
             yield TrainEvent("done", start_epoch, self.epochs, message=f"{self.out} has already trained "
@@ -304,7 +314,7 @@ class Trainer:
             metrics: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "iterations": n_iter}
             metrics.update({k: v / max(n_iter, 1) for k, v in sums.items()})
             if data.val_volumes and ((epoch + 1) % c.val_every == 0 or epoch + 1 == self.epochs):
-                metrics.update(self._validate(data, device))
+                metrics.update((yield from self._validate(data, device, epoch + 1)) or {})
             metrics["seconds"] = time.monotonic() - epoch_start
             score = metrics.get("val_mean_dice", -metrics.get("loss", math.inf))
             improved = score > best
@@ -368,11 +378,22 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def _validate(self, data: Any, device: torch.device) -> dict[str, Any]:
-        """Rank 0 segments the validation volumes (sliding window) while the others wait."""
-        result = validate(self.model, data.val_volumes, data.class_names, device, self.amp) if dist.is_main() else {}
+    def _validate(self, data: Any, device: torch.device, epoch: int) -> Generator[TrainEvent, None, dict[str, Any]]:
+        """Rank 0 segments the validation volumes (sliding window) while the others wait; yields
+        ``validation`` events (windows done of all). A stop request ends it early, unscored ({})."""
+        result: dict[str, Any] | None = {}
+        if dist.is_main():
+            gen = validate_iter(self.model, data.val_volumes, data.class_names, device, self.amp,
+                                should_stop=lambda: self._stop)
+            while True:
+                try:
+                    done, total = next(gen)
+                except StopIteration as finished:
+                    result = finished.value
+                    break
+                yield TrainEvent("validation", epoch, self.epochs, done, total)
         dist.barrier()
-        return result
+        return result or {}
 
     def _save(self, data: Any, epoch: int, iteration: int, best: float, *, improved: bool = False,
               partial: dict[str, Any] | None = None) -> None:
