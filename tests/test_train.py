@@ -432,7 +432,7 @@ def test_a_smaller_patch_scales_the_slice_sam_sees(phantom, tmp_path):
     """--patch-size keeps the preset's upsampling (lite at 4x128x128 runs LiteMedSAM at 128x128, a quarter
     of the work); the slice side is stored with the model, kept on resume, and a different one refused."""
     from masksam_core.modeling.presets import get_preset
-    from masksam_core.training.trainer import slice_size
+    from masksam_core.modeling.presets import slice_size
 
     assert slice_size(get_preset("lite"), None, None) == 256
     assert slice_size(get_preset("lite"), (4, 128, 128), None) == 128

@@ -8,6 +8,7 @@ follow its Table 5; ``lite`` and ``tiny`` are this project's own.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,3 +149,15 @@ def build_model(
         )
     except ValueError as error:
         raise ModelError(f"preset {p.name!r} cannot be built with these settings: {error}") from None
+
+
+def slice_size(preset: Preset, patch_size: Sequence[int] | None, sam_image_size: int | None) -> int:
+    """The side of each slice as SAM sees it: ``sam_image_size`` when given, else the preset's,
+    scaled by the patch's in-plane size over the preset's (a smaller patch keeps the preset's
+    upsampling: ``lite`` with 4x128x128 patches runs LiteMedSAM at 128x128, ``acdc`` with
+    128x128 patches runs SAM at 512x512)."""
+    if sam_image_size is not None:
+        return int(sam_image_size)
+    if patch_size is None:
+        return int(preset.sam_image_size)
+    return int(round(preset.sam_image_size * int(patch_size[1]) / preset.patch_size[1]))

@@ -126,6 +126,33 @@ def resolve_config(config: Any, saved: dict[str, Any] | None = None) -> Any:
     return dataclasses.replace(config, **values)
 
 
+def check_ranges(c: Any, epochs: int) -> None:
+    """Raise :class:`MaskSAMError` naming the flag and its rule for a resolved ``TrainConfig`` value
+    (or ``epochs``) out of range."""
+    from ..data.augment import AUGMENTATIONS
+
+    if c.augmentation not in AUGMENTATIONS:
+        raise MaskSAMError(f"--augmentation {c.augmentation} is unknown: choose one of {', '.join(AUGMENTATIONS)}")
+    positive, at_least_0, at_least_1 = "must be positive", "must be 0 or more", "must be 1 or more"
+    for flag, value, ok, rule in (
+            ("--epochs", epochs, epochs >= 1, at_least_1),
+            ("--iters-per-epoch", c.iters_per_epoch, c.iters_per_epoch >= 1, at_least_1),
+            ("--batch-size", c.batch_size, c.batch_size >= 1, at_least_1),
+            ("--lr", c.lr, c.lr > 0, positive), ("--weight-decay", c.weight_decay, c.weight_decay >= 0, at_least_0),
+            ("--val-every", c.val_every, c.val_every >= 1, at_least_1),
+            ("--val-fraction", c.val_fraction, 0 <= c.val_fraction < 1,
+             "must be at least 0 (no validation) and below 1 (some data must be left to train on)"),
+            ("--num-workers", c.num_workers, c.num_workers >= 0, at_least_0),
+            ("--time-limit", c.time_limit, c.time_limit is None or c.time_limit > 0, "must be positive (minutes)"),
+            ("--patch-size", c.patch_size, c.patch_size is None or min(c.patch_size) >= 1,
+             "must be 3 positive sizes T H W"),
+            ("--num-queries", c.num_queries, c.num_queries is None or c.num_queries >= 1, at_least_1),
+            ("--sam-image-size", c.sam_image_size, c.sam_image_size is None or c.sam_image_size >= 1, positive)):
+        if not ok:
+            shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            raise MaskSAMError(f"{flag} {shown} is out of range: it {rule}")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a run checkpoint (``weights_only=True``) with clear errors."""
     path = Path(path)

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.augment import AUGMENTATIONS
 from ..devices import autocast_dtype, available_devices, compile_errors, reuse_freed_memory
 from ..errors import MaskSAMError, check_output_folder
 from ..modeling import build_model, gt_prompts
-from ..modeling.presets import get_preset
+from ..modeling.presets import get_preset, slice_size
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .data_setup import patch_fit_note, prepare_data
@@ -63,7 +62,7 @@ class TrainConfig:
     compile: bool = False
     patch_size: tuple[int, int, int] | None = None
     num_queries: int | None = None
-    sam_image_size: int | None = None  # None: the preset's, scaled with patch_size (see slice_size)
+    sam_image_size: int | None = None  # None: the preset's, scaled with patch_size (see modeling.presets.slice_size)
     augmentation: str | None = None
     cache_dir: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -83,18 +82,6 @@ class TrainEvent:
     lr: float = float("nan")
     metrics: dict[str, Any] | None = None
     message: str = ""
-
-
-def slice_size(preset: Any, patch_size: Sequence[int] | None, sam_image_size: int | None) -> int:
-    """The side of each slice as SAM sees it: ``sam_image_size`` when given, else the preset's,
-    scaled by the patch's in-plane size over the preset's (a smaller patch keeps the preset's
-    upsampling: ``lite`` with 4x128x128 patches runs LiteMedSAM at 128x128, ``acdc`` with
-    128x128 patches runs SAM at 512x512)."""
-    if sam_image_size is not None:
-        return int(sam_image_size)
-    if patch_size is None:
-        return int(preset.sam_image_size)
-    return int(round(preset.sam_image_size * int(patch_size[1]) / preset.patch_size[1]))
 
 
 def poly_lr(base_lr: float, epoch: int, max_epochs: int, exponent: float = 0.9) -> float:
@@ -201,27 +188,7 @@ class Trainer:
         else:
             self.config = ckpt_io.resolve_config(c)
             self.epochs = get_preset(self.config.preset).epochs if c.epochs is None else c.epochs
-        c = self.config
-        if c.augmentation not in AUGMENTATIONS:
-            raise MaskSAMError(f"--augmentation {c.augmentation} is unknown: choose one of {', '.join(AUGMENTATIONS)}")
-        positive, at_least_0 = "must be positive", "must be 0 or more"
-        for flag, value, ok, rule in (
-                ("--epochs", self.epochs, self.epochs >= 1, "must be 1 or more"),
-                ("--iters-per-epoch", c.iters_per_epoch, c.iters_per_epoch >= 1, "must be 1 or more"),
-                ("--batch-size", c.batch_size, c.batch_size >= 1, "must be 1 or more"),
-                ("--lr", c.lr, c.lr > 0, positive), ("--weight-decay", c.weight_decay, c.weight_decay >= 0, at_least_0),
-                ("--val-every", c.val_every, c.val_every >= 1, "must be 1 or more"),
-                ("--val-fraction", c.val_fraction, 0 <= c.val_fraction < 1,
-                 "must be at least 0 (no validation) and below 1 (some data must be left to train on)"),
-                ("--num-workers", c.num_workers, c.num_workers >= 0, at_least_0),
-                ("--time-limit", c.time_limit, c.time_limit is None or c.time_limit > 0, "must be positive (minutes)"),
-                ("--patch-size", c.patch_size, c.patch_size is None or min(c.patch_size) >= 1,
-                 "must be 3 positive sizes T H W"),
-                ("--num-queries", c.num_queries, c.num_queries is None or c.num_queries >= 1, "must be 1 or more"),
-                ("--sam-image-size", c.sam_image_size, c.sam_image_size is None or c.sam_image_size >= 1, positive)):
-            if not ok:
-                shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
-                raise MaskSAMError(f"{flag} {shown} is out of range: it {rule}")
+        ckpt_io.check_ranges(self.config, self.epochs)
         return saved
 
     # ------------------------------------------------------------------ loop
