@@ -96,10 +96,9 @@ def _unreadable(tmp_path: Path, kind: str):
     if kind == "tiff_rgb":
         tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((4, 16, 16, 3), np.uint8), photometric="rgb")
         return str(tmp_path / "rgb.tif")
-    if kind in ("tiff_channels", "tiff_time"):
-        axes = "CYX" if kind == "tiff_channels" else "TYX"
-        tifffile.imwrite(tmp_path / "hyper.tif", np.zeros((3, 16, 16), np.uint16), imagej=True, metadata={"axes": axes})
-        return str(tmp_path / "hyper.tif")
+    if kind == "tiff_time":
+        tifffile.imwrite(tmp_path / "movie.tif", np.zeros((3, 16, 16), np.uint16), imagej=True, metadata={"axes": "TYX"})
+        return str(tmp_path / "movie.tif")
     if kind in ("dicom_one_slice_file", "dicom_one_slice_folder"):
         folder = tmp_path / "xray"
         _dicom_series(folder, _ct(shape=(1, 9, 11)))
@@ -138,7 +137,7 @@ def _unreadable(tmp_path: Path, kind: str):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["text", "tiff_2d", "tiff_rgb", "tiff_channels", "tiff_time", "empty_folder", "folder_without_dicom",
+@pytest.mark.parametrize("kind", ["text", "tiff_2d", "tiff_rgb", "tiff_time", "empty_folder", "folder_without_dicom",
                                   "dicom_only_in_subfolder", "missing", "corrupt_nifti", "not_gzip_nifti",
                                   "nifti_4d", "stack_of_volumes", "dicom_one_slice_file", "dicom_one_slice_folder",
                                   "nifti_rgb"])

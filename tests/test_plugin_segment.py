@@ -170,6 +170,12 @@ def test_segment_matches_predictor_and_a_second_run_updates_the_layer(make_napar
     np.testing.assert_array_equal(viewer.layers["ct crop [MaskSAM] (2)"].data, expected)
     assert notes[-1] == ("info", "'ct crop [MaskSAM]' was edited since it was made, so it stays as it is; "
                                  "this result is 'ct crop [MaskSAM] (2)'")
+    second = viewer.layers["ct crop [MaskSAM] (2)"]
+    assert widget.run(sync=True).error is None  # (2) is untouched: the next result replaces it
+    assert [lay.name for lay in viewer.layers][-1] == "ct crop [MaskSAM] (2)" and len(viewer.layers) == 3
+    second.data[0, 0, 0] = 1 if second.data[0, 0, 0] != 1 else 2  # now that one is corrected too
+    assert widget.run(sync=True).error is None
+    assert [lay.name for lay in viewer.layers][-1] == "ct crop [MaskSAM] (3)"
 
 
 def test_cancel_stops_within_a_second(make_napari_viewer, qtbot, ct, tiny_run, notes, monkeypatch):

@@ -125,7 +125,7 @@ def test_ctrl_c_mid_epoch_saves_and_resume_equals_straight_run(phantom, straight
     proc.send_signal(signal.SIGINT)  # during the first of the epoch's two iterations
     assert proc.wait(300) == 128 + signal.SIGINT, err_log.read_text(encoding="utf-8")[-3000:]  # not "finished"
     out, err = (tmp_path / "first.out").read_text(encoding="utf-8"), err_log.read_text(encoding="utf-8")
-    assert "stopping after this iteration (or this validation window) and saving a checkpoint" in err
+    assert "stopping: a checkpoint is saved after the current iteration or validation window" in err
     assert re.search(r"interrupted: saved .*checkpoint_last\.pt at epoch 2, iteration 1; continue with --resume", out)
     stopped = checkpoint(run)
     assert (stopped["epoch"], stopped["iteration"]) == (1, 1)
@@ -305,9 +305,18 @@ def test_errors_are_clear(phantom, tmp_path, capsys, trained):
     other = make_phantom_dataset(tmp_path / "Dataset901_Other", cases=2, shape=(64, 64, 8))
     cache = sorted(p.name for p in (trained.out / "preprocessed").iterdir())
     assert main(["train", str(other), "--out", str(trained.out), "--resume"]) == 1
-    assert (f"{trained.out} was trained on Dataset900_Phantom, not Dataset901_Other: resume with the data set the "
-            "run began with") in capsys.readouterr().err
+    assert (f"{trained.out} was trained on Dataset900_Phantom, not Dataset901_Other (its cases: ph_000, ph_001, "
+            "ph_002): resume with the data set the run began with") in capsys.readouterr().err
     assert sorted(p.name for p in (trained.out / "preprocessed").iterdir()) == cache  # the run's cache untouched
+
+    import shutil
+
+    moved = shutil.copytree(phantom, tmp_path / "Dataset900_Moved")  # the same cases under another name
+    run = shutil.copytree(trained.out, tmp_path / "run_copy")
+    events = list(Trainer(TrainConfig(str(moved), str(run), resume=True, epochs=2, num_workers=0)).run())
+    assert events[-1].kind == "done"
+    assert any("the data set is now Dataset900_Moved (the run began on Dataset900_Phantom, with the same cases)"
+               in e.message for e in events)
 
     assert main(["train", str(phantom), "--out", str(trained.out), "--resume", "--preset", "lite"]) == 1
     assert "was trained with --preset tiny, not lite" in capsys.readouterr().err
@@ -535,3 +544,12 @@ def test_validation_reports_progress_and_a_stop_ends_it(phantom, tmp_path):
     events = list(resumed.run())
     assert events[-1].kind == "done" and [r["epoch"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
     assert "val_dice" in metrics(tmp_path / "run")[-1]
+
+    last = Trainer(TrainConfig(str(phantom), str(tmp_path / "last"), **{**config, "epochs": 1}))
+    events = []
+    for event in last.run():
+        events.append(event)
+        if event.kind == "validation":
+            last.request_stop("interrupted")
+    assert events[-1].kind == "stopped"  # not "done": the final model was never scored
+    assert "trained all 1 epochs, but the last one's validation was cut short" in events[-1].message

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,10 +177,14 @@ def _tiff(path: Path, load: bool) -> tuple[np.ndarray | None, ImageGeometry]:
                 raise MaskSAMError(f"{path}: a colour (RGB) image of shape {series.shape}; "
                                    "save a greyscale 3D stack (Z, Y, X) instead")
             _check_3d(tuple(series.shape), path, f"Z, Y, X; this file's axes are {series.axes}")
-            what = {"C": "channels", "T": "time points"}.get(series.axes[0])
-            if what:  # ImageJ hyperstacks and OME-TIFF name their axes
-                raise MaskSAMError(f"{path}: {series.shape[0]} {what} of 2D images (axes {series.axes}), not a 3D "
-                                   f"scan; save a Z stack (Z, Y, X), one file per {what[:-1]}")
+            if series.axes[0] == "T":  # an ImageJ time series ("frames") or OME SizeT
+                raise MaskSAMError(f"{path}: {series.shape[0]} time points of 2D images (axes {series.axes}), not a "
+                                   "3D scan; if these planes are Z slices, re-save the file as a Z stack (Fiji: "
+                                   "Image > Properties, slices = their number, frames = 1; tifffile: "
+                                   "metadata={'axes': 'ZYX'})")
+            if series.axes[0] == "C":  # tifffile's default for any 3D ImageJ or OME array: read as Z
+                warnings.warn(f"{path}: the file calls its {series.shape[0]} planes channels (axes {series.axes}); "
+                              "reading them as Z slices. Save the stack with axes ZYX to say so", stacklevel=3)
             spacing = tiff_spacing(path, tif, (spacing_sidecar(path),
                                                path.with_name(_split_suffix(path)[0] + ".json")))
             data = np.ascontiguousarray(series.asarray()) if load else None

@@ -69,7 +69,11 @@ def _ome_spacing(path: Path, tif: tifffile.TiffFile) -> tuple[float, float, floa
         unit = pixels.get(f"PhysicalSize{axis}Unit", "\u00b5m").strip().lower()
         if value is None:
             return None
-        if unit not in UNIT_MM or float(value) <= 0:
+        try:
+            usable = unit in UNIT_MM and float(value) > 0
+        except ValueError:
+            usable = False
+        if not usable:
             warnings.warn(f"{path}: OME PhysicalSize{axis} {value} {unit!r} cannot be used; ignoring the OME sizes",
                           stacklevel=4)
             return None

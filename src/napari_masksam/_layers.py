@@ -196,10 +196,16 @@ def fingerprint(labels: Any) -> str:
     return digest.hexdigest()
 
 
-def _free_name(viewer: Any, name: str) -> str:
+def _unedited(layer: Any) -> bool:
+    """A Labels layer still holding exactly what a run wrote into it."""
+    return layer.__class__.__name__ == "Labels" and (layer.metadata or {}).get(WRITTEN_KEY) == fingerprint(layer.data)
+
+
+def _next_name(viewer: Any, name: str) -> str:
+    """``"<name> (k)"``: the first such result layer left unedited (it is reused), else the first free name."""
     for k in range(2, 10_000):
         candidate = f"{name} ({k})"
-        if candidate not in viewer.layers:
+        if candidate not in viewer.layers or _unedited(viewer.layers[candidate]):
             return candidate
     return name
 
@@ -213,16 +219,16 @@ def show_labels(viewer: Any, image_layer: Any, labels: np.ndarray, class_names: 
     layer ``"<name> (2)"`` (the caller tells the user by the returned layer's name).
     """
     kwargs = labels_layer_kwargs(image_layer, class_names, name)
+    if kwargs["name"] in viewer.layers and keep_edits and not _unedited(viewer.layers[kwargs["name"]]):
+        kwargs["name"] = _next_name(viewer, kwargs["name"])  # leave the edited (or foreign) layer as it is
     existing = viewer.layers[kwargs["name"]] if kwargs["name"] in viewer.layers else None
     if existing is not None and existing.__class__.__name__ == "Labels":
-        edited = keep_edits and (existing.metadata or {}).get(WRITTEN_KEY) != fingerprint(existing.data)
-        if not edited:
-            existing.data = labels
-            for key in ("scale", "translate", "affine", "metadata", "features"):
-                setattr(existing, key, kwargs[key])
-            existing.metadata = {**existing.metadata, WRITTEN_KEY: fingerprint(labels)}
-            return existing
-    if existing is not None:
-        kwargs["name"] = _free_name(viewer, kwargs["name"])
+        existing.data = labels
+        for key in ("scale", "translate", "affine", "metadata", "features"):
+            setattr(existing, key, kwargs[key])
+        existing.metadata = {**existing.metadata, WRITTEN_KEY: fingerprint(labels)}
+        return existing
+    if existing is not None:  # another kind of layer has the name
+        kwargs["name"] = _next_name(viewer, kwargs["name"])
     kwargs["metadata"] = {**kwargs["metadata"], WRITTEN_KEY: fingerprint(labels)}
     return viewer.add_labels(labels, **kwargs)

@@ -102,8 +102,8 @@ def _readable_tiff(path: Path) -> bool:
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            return (len(series.shape) == 3 and not series.axes.endswith("S") and series.axes[0] not in "CT"
-                    and min(series.shape) > 0)  # not colour, channels or time points (other readers take those)
+            return (len(series.shape) == 3 and not series.axes.endswith("S") and series.axes[0] != "T"
+                    and min(series.shape) > 0)  # not colour or a time series (other readers take those)
     except Exception:  # noqa: BLE001 -- tifffile raises many types for files it cannot parse
         return False
 

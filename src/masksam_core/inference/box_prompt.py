@@ -287,12 +287,14 @@ def _cli(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..errors import check_output_folder
-    from ..io import NIFTI_SUFFIXES, TIFF_SUFFIXES, check_classes_sidecar, classes_sidecar, read_image, write_labels
+    from ..io import (NIFTI_SUFFIXES, TIFF_SUFFIXES, check_classes_sidecar, classes_sidecar, read_image,
+                      spacing_sidecar, write_labels)
 
     out = Path(args.output)
     if not out.name.lower().endswith(NIFTI_SUFFIXES + TIFF_SUFFIXES):
         raise MaskSAMError(f"{out}: name the output .nii.gz, .nii, .tif or .tiff")
-    for target in (out, classes_sidecar(out)):  # checked before the boxes are segmented, not after
+    tiff = out.name.lower().endswith(TIFF_SUFFIXES)
+    for target in (out, classes_sidecar(out), *([spacing_sidecar(out)] if tiff else [])):  # before segmenting
         if target.exists() and not args.overwrite:
             raise MaskSAMError(f"{target} already exists; pass --overwrite to replace it, or choose another output "
                                "name")

@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt
         signals.append(signum)
         if show:
-            print("\nstopping after this iteration (or this validation window) and saving a checkpoint "
-                  "(Ctrl-C again to abort)",
+            print("\nstopping: a checkpoint is saved after the current iteration or validation window (while "
+                  "the data are prepared: training will not start); Ctrl-C again to abort",
                   file=sys.stderr, flush=True)
         trainer.request_stop("interrupted" if signum == signal.SIGINT else f"stopped by signal {signum}")
 

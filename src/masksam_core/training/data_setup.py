@@ -38,6 +38,7 @@ class DataBundle:
     val_volumes: list[tuple[np.ndarray, np.ndarray]]  # (C, Z, Y, X) image, (Z, Y, X) labels
     loader: Callable[..., Iterable[dict[str, Any]]]
     transforms: TrainTransforms | None = None  # the training augmentation the loader applies
+    note: str = ""  # what the user should know about the data (a resumed run's moved data set)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -98,24 +99,37 @@ def patch_fit_note(patch_size: tuple[int, int, int], median_shape: Any) -> str:
             f"runs {(h // side) ** 2}x fewer pixels through SAM per slice (SAM's input shrinks with it)")
 
 
-def check_same_dataset(spec: Any, plans: dict[str, Any], out: Path) -> None:
-    """A resumed run trains on the data set it began with: same name, channels and classes
-    (the folder may have moved). Raises MaskSAMError naming what differs."""
+def check_same_dataset(spec: Any, plans: dict[str, Any], out: Path, cache: Path) -> str:
+    """A resumed run trains on the data set it began with: the same classes and channels, and,
+    where the folder's name changed (moved or copied), the same cases (those of the run's
+    preprocessed ``cache``, else their number). Raises MaskSAMError naming what differs; returns a
+    note when the name changed but the data are the same, else ''."""
+    import json
+
     from ..data.plans import _class_names
 
-    was, now = plans.get("dataset_name"), spec.name
     classes = _class_names(spec)
     channels = {str(k): str(v) for k, v in spec.channel_names.items()}
     what = None
-    if was is not None and was != now:
-        what = f"was trained on {was}, not {now}"
-    elif plans.get("class_names") is not None and list(plans["class_names"]) != classes:
+    if plans.get("class_names") is not None and list(plans["class_names"]) != classes:
         what = f"has the classes {list(plans['class_names'])}, this data set {classes}"
     elif plans.get("channel_names") is not None and dict(plans["channel_names"]) != channels:
         what = f"has the channels {dict(plans['channel_names'])}, this data set {channels}"
+    was, now = plans.get("dataset_name"), spec.name
+    if what is None and was is not None and was != now:
+        ids = sorted(c.id for c in spec.cases)
+        try:
+            before = sorted(json.loads((cache / "cache.json").read_text(encoding="utf-8"))["cases"])
+        except (OSError, ValueError, KeyError, TypeError):
+            before = None
+        same = ids == before if before is not None else len(ids) == plans.get("num_cases")
+        if not same:
+            listed = ", ".join(before[:5]) + (", ..." if len(before) > 5 else "") if before else ""
+            what = f"was trained on {was}, not {now}" + (f" (its cases: {listed})" if listed else "")
     if what:
         raise MaskSAMError(f"{out} {what}: resume with the data set the run began with (it may have moved), "
                            "or start a new run with another --out")
+    return f"the data set is now {now} (the run began on {was}, with the same cases)" if was != now else ""
 
 
 def _plans(config: Any, spec: Any, out: Path, plans: dict[str, Any] | None,
@@ -146,10 +160,9 @@ def prepare_data(config: Any, out: Path, *, patch_size: tuple[int, int, int],
     Under DDP rank 0 plans and preprocesses while the others wait at a barrier, then read its files.
     """
     spec = load_checked_dataset(config.dataset)
-    if plans is not None:
-        check_same_dataset(spec, plans, out)  # before the cache is touched
-    plans = _plans(config, spec, out, plans, patch_size)
     cache = Path(config.cache_dir) if config.cache_dir else out / "preprocessed"
+    note = check_same_dataset(spec, plans, out, cache) if plans is not None else ""  # before the cache is touched
+    plans = _plans(config, spec, out, plans, patch_size)
     # rank 0 preprocesses (or finds the cache valid); the others wait here and take its list of files
     cases = dist.broadcast_object(preprocess_dataset(spec, plans, cache, progress=True) if dist.is_main() else None)
     by_id = {c.id: c for c in cases}
@@ -200,4 +213,4 @@ def prepare_data(config: Any, out: Path, *, patch_size: tuple[int, int, int],
         return dl
 
     return DataBundle(plans, list(plans["class_names"]), num_classes, int(plans["in_channels"]), train, val, loader,
-                      transforms)
+                      transforms, note)

@@ -44,6 +44,19 @@ def validate(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_n
             return done.value
 
 
+def validate_on_main(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_names: Sequence[str],
+                     device: torch.device, amp: torch.dtype | None,
+                     should_stop: Callable[[], bool]) -> Generator[tuple[int, int], None, dict | None]:
+    """:func:`validate_iter` on rank 0 while the other ranks wait at a barrier (they return {})."""
+    from . import distributed as dist
+
+    result: dict | None = {}
+    if dist.is_main():
+        result = yield from validate_iter(model, volumes, class_names, device, amp, should_stop)
+    dist.barrier()
+    return result
+
+
 def validate_iter(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_names: Sequence[str],
                   device: torch.device, amp: torch.dtype | None,
                   should_stop: Callable[[], bool] | None = None) -> Generator[tuple[int, int], None, dict | None]:

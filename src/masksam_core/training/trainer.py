@@ -32,7 +32,7 @@ from ..modeling.presets import get_preset, slice_size
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .data_setup import patch_fit_note, prepare_data
-from .metrics import validate_iter, write_curves
+from .metrics import validate_on_main, write_curves
 
 @dataclass
 class TrainConfig:
@@ -212,7 +212,17 @@ class Trainer:
 
         yield TrainEvent("setup", message=f"checking and preparing {c.dataset}")
         data = prepare_data(c, self.out, patch_size=self._patch_size(), plans=saved and saved["plans"])
+        (stop_now,) = dist.any_flags(self._stop)  # asked to stop while the data were prepared
+        if stop_now:  # before the model is built (and its weights perhaps downloaded)
+            dist.cleanup()
+            kept = "the run's checkpoint is unchanged; continue with --resume" if saved is not None else \
+                "nothing was trained or saved; the preprocessed data are kept for the next start"
+            yield TrainEvent("stopped", int(saved["epoch"]) if saved else 0, self.epochs,
+                             message=f"{self._reason()} before training began: {kept}")
+            return last_path
         self._build(data, device, saved)
+        if data.note:
+            yield TrainEvent("setup", message=data.note)
         fit = patch_fit_note(self._patch_size(), data.plans["median_shape"])
         if fit and saved is None and c.patch_size is None and "patch_size" not in c.overrides:
             yield TrainEvent("setup", message=fit)
@@ -229,14 +239,6 @@ class Trainer:
                          + (" with gradient checkpointing" if self.model.grad_checkpointing else "")
                          + (f" ({self.recompute_reason}; --no-grad-checkpointing turns it off)"
                             if self.recompute_reason else ""))
-        (stop_now,) = dist.any_flags(self._stop)  # asked to stop while the data were prepared
-        if stop_now:
-            dist.cleanup()
-            kept = "the run's checkpoint is unchanged; continue with --resume" if saved is not None else \
-                "nothing was trained or saved; the preprocessed data are kept for the next start"
-            yield TrainEvent("stopped", start_epoch, self.epochs, message=f"{self._reason()} before training began: "
-                             + kept)
-            return last_path
         if start_epoch >= self.epochs:
             dist.cleanup()
             yield TrainEvent("done", start_epoch, self.epochs, message=f"{self.out} has already trained "
@@ -248,6 +250,7 @@ class Trainer:
             lr = poly_lr(c.lr, epoch, self.epochs)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            unscored = False
             first = start_iter if epoch == start_epoch else 0
             part = partial if epoch == start_epoch and partial else {}
             sums: dict[str, float] = dict(part.get("sums", {}))
@@ -281,7 +284,9 @@ class Trainer:
             metrics: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "iterations": n_iter}
             metrics.update({k: v / max(n_iter, 1) for k, v in sums.items()})
             if data.val_volumes and ((epoch + 1) % c.val_every == 0 or epoch + 1 == self.epochs):
-                metrics.update((yield from self._validate(data, device, epoch + 1)) or {})
+                scores = yield from self._validate(data, device, epoch + 1)
+                unscored = scores is None
+                metrics.update(scores or {})
             metrics["seconds"] = time.monotonic() - epoch_start
             score = metrics.get("val_mean_dice", -metrics.get("loss", math.inf))
             improved = score > best
@@ -298,6 +303,12 @@ class Trainer:
                 dist.cleanup()
                 return last_path
         dist.cleanup()
+        if unscored:  # the last epoch's validation was cut short: trained, saved, not scored
+            yield TrainEvent("stopped", self.epochs, self.epochs,
+                             message=f"{self._reason()}: trained all {self.epochs} epochs, but the last one's "
+                             "validation was cut short, so it is not scored (checkpoint_best.pt is the best scored "
+                             f"epoch; checkpoint_last.pt the last) in {self.out}")
+            return last_path
         yield TrainEvent("done", self.epochs, self.epochs, message=f"finished {self.epochs} epochs in {self.out}")
         return self.out / "checkpoint_best.pt"
 
@@ -345,22 +356,15 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def _validate(self, data: Any, device: torch.device, epoch: int) -> Generator[TrainEvent, None, dict[str, Any]]:
-        """Rank 0 segments the validation volumes (sliding window) while the others wait; yields
-        ``validation`` events (windows done of all). A stop request ends it early, unscored ({})."""
-        result: dict[str, Any] | None = {}
-        if dist.is_main():
-            gen = validate_iter(self.model, data.val_volumes, data.class_names, device, self.amp,
-                                should_stop=lambda: self._stop)
-            while True:
-                try:
-                    done, total = next(gen)
-                except StopIteration as finished:
-                    result = finished.value
-                    break
-                yield TrainEvent("validation", epoch, self.epochs, done, total)
-        dist.barrier()
-        return result or {}
+    def _validate(self, data: Any, device: torch.device, epoch: int) -> Generator[TrainEvent, None, dict | None]:
+        """``validation`` events (windows done of all) while rank 0 scores; None if a stop cut it short."""
+        gen = validate_on_main(self.model, data.val_volumes, data.class_names, device, self.amp, lambda: self._stop)
+        while True:
+            try:
+                done, total = next(gen)
+            except StopIteration as finished:
+                return finished.value
+            yield TrainEvent("validation", epoch, self.epochs, done, total)
 
     def _save(self, data: Any, epoch: int, iteration: int, best: float, *, improved: bool = False,
               partial: dict[str, Any] | None = None) -> None:
