@@ -381,9 +381,12 @@ def test_cli_skips_finished_cases_unless_overwrite(fake_run, tmp_path, capsys):
     assert "skipped 1 existing" in out and "predicted 1," in out
     assert (tmp_path / "out" / "case1.nii.gz").exists()
     assert (tmp_path / "out" / "case0.nii.gz").stat().st_mtime_ns == first
+    (tmp_path / "out" / "case0.classes.json").unlink()  # a missing class-names file: case0 is not finished
+    assert main(args) == 0
+    assert "predicted 1," in capsys.readouterr().out and (tmp_path / "out" / "case0.classes.json").exists()
     assert main([*args, "--save-probabilities"]) == 0  # .npz missing: not finished
     assert "predicted 2," in capsys.readouterr().out
-    assert main([*args, "--overwrite"]) == 0
+    assert main([*args, "--overwrite", "--save-probabilities"]) == 0
     assert "predicted 2," in capsys.readouterr().out
     with np.load(tmp_path / "out" / "case0.npz") as npz:
         assert npz["probabilities"].dtype == np.float16 and npz["probabilities"].shape == (2, 4, 16, 16)
@@ -392,6 +395,20 @@ def test_cli_skips_finished_cases_unless_overwrite(fake_run, tmp_path, capsys):
         labels = np.asarray(nib.load(tmp_path / "out" / "case0.nii.gz").dataobj).transpose(2, 1, 0)
         assert (npz["probabilities"].argmax(0) == labels).mean() > 0.99  # float16 may tie at borders
     assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
+    assert main([*args, "--overwrite"]) == 0  # new labels without probabilities: the old ones would mislead
+    assert "case0: removed the old case0.npz" in capsys.readouterr().out
+    assert not list((tmp_path / "out").glob("*.npz"))
+
+
+def test_cli_refuses_channels_on_different_grids(fake_run, tmp_path, capsys):
+    write_cases(tmp_path / "in", 1)
+    moved = np.diag([1.0, 1.0, 2.5, 1.0])
+    moved[:3, 3] = (40.0, 0.0, 0.0)
+    volume = np.asarray(nib.load(tmp_path / "in" / "case0_0000.nii.gz").dataobj)
+    nib.save(nib.Nifti1Image(volume, moved), tmp_path / "in" / "case0_0001.nii.gz")
+    assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "case0_0001.nii.gz: origin" in err and "all channels of a case must share one voxel grid" in err
 
 
 def test_cli_compile_flag_compiles_the_network(fake_run, tmp_path, monkeypatch):
@@ -434,7 +451,8 @@ def test_cli_reports_a_corrupt_file_and_finishes_the_others(fake_run, tmp_path, 
 
 def test_find_cases_groups_channels_and_plain_names(tmp_path):
     for name in ["a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz", "b_0002.nii.gz", "plain.nii.gz",
-                 "stack.tif", "scan_2020.nii", ".hidden_0000.nii.gz", "notes.txt", "dup.nii.gz", "dup_0000.nii"]:
+                 "stack.tif", "scan_2020.nii", ".hidden_0000.nii.gz", "notes.txt", "dup.nii.gz", "dup_0000.nii",
+                 "two_0000.nii.gz", "two_0000.tif", "two_0001.nii.gz"]:
         (tmp_path / name).touch()
     for folder, files in {"series1": ["IM0001", "IM0002"], "series2": ["x.dcm"], "other": ["y.nii.gz"],
                           "out": ["IM1"]}.items():
@@ -442,7 +460,8 @@ def test_find_cases_groups_channels_and_plain_names(tmp_path):
         for f in files:
             (tmp_path / folder / f).touch()
     cases = {c.id: c for c in find_cases(tmp_path, exclude=tmp_path / "out")}
-    assert sorted(cases) == ["a", "b", "dup", "plain", "scan_2020", "series1", "series2", "stack"]
+    assert sorted(cases) == ["a", "b", "dup", "plain", "scan_2020", "series1", "series2", "stack", "two"]
+    assert "two_0000.nii.gz, two_0000.tif are all channel 0000 of case two; keep one" in cases["two"].problem
     assert [f.name for f in cases["a"].files] == ["a_0000.nii.gz", "a_0001.nii.gz"] and not cases["a"].problem
     assert "b_0001" in cases["b"].problem
     assert cases["dup"].problem and "rename" in cases["dup"].problem

@@ -85,15 +85,26 @@ def _looks_dicom(folder: Path) -> bool:
 def _group(files: list[Path]) -> list[Case]:
     """Cases from image files: nnU-Net channel groups ({case}_0000, ...) and plain single-channel files."""
     groups: dict[str, dict[int, Path]] = {}
+    twice: dict[str, list[Path]] = {}
     plain: list[Path] = []
     for f in files:
         m = _CHANNEL.match(_split(f)[0])
         if m:
-            groups.setdefault(m["case"], {})[int(m["channel"])] = f
+            channels = groups.setdefault(m["case"], {})
+            if int(m["channel"]) in channels:  # e.g. x_0000.nii.gz beside x_0000.tif
+                twice.setdefault(m["case"], [channels[int(m["channel"])]]).append(f)
+            channels[int(m["channel"])] = f
         else:
             plain.append(f)
     cases = []
     for cid, channels in groups.items():
+        if cid in twice:
+            names = ", ".join(f.name for f in twice[cid])
+            cases.append(Case(cid, [channels[i] for i in sorted(channels)],
+                              problem=f"{twice[cid][0]}: {names} are all channel "
+                                      f"{_CHANNEL.match(_split(twice[cid][0])[0])['channel']} of case {cid}; "
+                                      "keep one of them (move the others out of the input folder)"))
+            continue
         if 0 not in channels:  # not nnU-Net naming after all: every file is its own case
             plain.extend(channels.values())
             continue
@@ -174,8 +185,12 @@ def cases_for_rank(cases: list[Case], rank: int, world: int) -> list[Case]:
 
 
 def output_paths(case: Case, out_dir: Path, probabilities: bool) -> list[Path]:
-    """The label map ``{case}.nii.gz`` (``.tif`` for TIFF input), then ``{case}.npz`` if asked for."""
+    """The label map ``{case}.nii.gz`` (``.tif`` for TIFF input), its ``{case}.classes.json``, then
+    ``{case}.npz`` if asked for."""
+    from ..io import classes_sidecar
+
     paths = [out_dir / f"{case.id}{'.tif' if case.is_tiff else '.nii.gz'}"]
+    paths.append(classes_sidecar(paths[0]))
     if probabilities:
         paths.append(out_dir / f"{case.id}.npz")
     return paths
@@ -183,16 +198,16 @@ def output_paths(case: Case, out_dir: Path, probabilities: bool) -> list[Path]:
 
 def read_case_image(case: Case) -> tuple[np.ndarray, Any]:
     """The case's channels stacked to (C, Z, Y, X) and the first channel's geometry."""
-    from ..io import read_image
+    from ..io import compare_geometry, read_image
 
     arrays, geometry = [], None
     for f in case.files:
         array, g = read_image(f)
         if geometry is None:
             geometry = g
-        elif tuple(array.shape) != tuple(geometry.shape):
-            raise MaskSAMError(f"{f}: shape {tuple(array.shape)} differs from {case.files[0]} "
-                               f"{tuple(geometry.shape)}; all channels of a case must share one voxel grid")
+        elif (why := compare_geometry(g, geometry)) is not None:
+            raise MaskSAMError(f"{f}: {why} against {case.files[0].name}; all channels of a case must share one "
+                               "voxel grid (register or resample them onto channel 0 first)")
         arrays.append(array)
     return np.stack(arrays), geometry
 
@@ -244,8 +259,13 @@ def predict_case(predictor: Any, case: Case, out_dir: Path, args: argparse.Names
         if bar is not None:
             bar.close()
     names = dict(enumerate(prediction.class_names))
+    stale = out_dir / f"{case.id}.npz"
     if args.save_probabilities:
-        write_probabilities(outputs[1], prediction.probabilities, prediction.class_names, geometry.spacing)
+        write_probabilities(outputs[2], prediction.probabilities, prediction.class_names, geometry.spacing)
+    elif stale.exists():  # the probabilities of the prediction these labels replace: they would mislead
+        stale.unlink()
+        print(f"{case.id}: removed the old {stale.name}, the probabilities of the labels now replaced "
+              "(--save-probabilities writes new ones)")
     write_labels(outputs[0], prediction.labels, geometry, class_names=names, overwrite=True)
     return outputs
 
