@@ -18,6 +18,7 @@ import torch
 from masksam_core.inference.sliding_window import Progress
 from masksam_core.io import ImageGeometry, read_image
 from napari_masksam import _box_widget, _models
+from masksam_core.errors import MaskSAMError
 from napari_masksam._box_widget import BOXES_LAYER, BoxPromptWidget, boxes_from_rectangles
 from napari_masksam._layers import image_layer_kwargs
 
@@ -212,3 +213,26 @@ def test_rectangles_of_two_objects_on_two_slices_stay_two_boxes():
     assert boxes_from_rectangles(apart, (12, 40, 40), (3, 10)) == [(3, 11, 0, 0, 10, 10), (3, 11, 25, 25, 35, 35)]
     with pytest.raises(Exception, match="rectangle 2 is on slice 9, outside the z-range 3..6"):
         boxes_from_rectangles(apart, (12, 40, 40), (3, 6))  # said, not silently merged
+
+
+def test_pairs_are_decided_one_by_one_and_boxes_are_axial(make_napari_viewer, notes):
+    """One object's two ends pair up while a second object on the same two slices is boxed over the
+    z-range; a rectangle drawn across slices (a side view) is refused; Add boxes layer brings the
+    axial 2D view back."""
+    a_ends = [(5, 9.5, 9.5, 19.5, 19.5), (9, 11.5, 11.5, 21.5, 21.5)]  # overlapping: object A, slices 5..9
+    b_apart = [(5, 29.5, 29.5, 34.5, 34.5), (9, 0.5, 30.5, 4.5, 35.5)]  # nearest to each other but apart
+    boxes = boxes_from_rectangles([a_ends[0], b_apart[0], a_ends[1], b_apart[1]], (12, 40, 40), (4, 10))
+    assert boxes[0] == (5, 10, 10, 10, 22, 22)  # A: one box over its two ends
+    assert sorted(boxes[1:]) == [(4, 11, 1, 31, 5, 36), (4, 11, 30, 30, 35, 35)]  # B's rectangles: z-range
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.zeros((12, 40, 40), np.float32), name="scan")
+    widget = make_widget(viewer)
+    viewer.dims.ndisplay = 3
+    widget.add_boxes_layer()
+    assert viewer.dims.ndisplay == 2 and viewer.layers[BOXES_LAYER].mode == "add_rectangle"
+    assert notes[-1] == ("info", "switched to the 2D axial view: boxes are drawn on slices")
+    shapes = viewer.layers[BOXES_LAYER]
+    shapes.add_rectangles(np.array([[3, 10, 5], [3, 20, 5], [8, 20, 5], [8, 10, 5]], float))  # a side view
+    with pytest.raises(MaskSAMError, match="rectangle 1 spans slices 3 to 8: boxes are drawn on axial slices"):
+        widget.voxel_boxes(image)

@@ -207,6 +207,18 @@ def test_train_from_layers_of_a_real_ct_crop(make_napari_viewer, qtbot, tmp_path
     assert runs.known_runs()[0] == out.resolve()
     assert len(widget.plot.iter_loss) == 2 and len(widget.plot.epoch_loss) == 1
 
+    # a later session resumes it: on the data it began with, whatever layers the controls now show
+    exported = (out / "dataset" / "labelsTr" / "case_000.nii.gz").read_bytes()
+    fresh = make_widget(viewer, out, epochs=2, iters=2, queries=0)
+    fresh.source.value = LAYERS
+    fresh.labels_layer.value = viewer.layers["other"]  # another shape: would not even export
+    fresh.resume.value = True
+    config, layers = fresh.plan()
+    assert layers is None and Path(config.dataset) == out / "dataset" and config.resume
+    train(qtbot, fresh)
+    assert (out / "dataset" / "labelsTr" / "case_000.nii.gz").read_bytes() == exported
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
 
 @pytest.mark.gui
 def test_stop_saves_a_checkpoint_and_ends_soon(make_napari_viewer, qtbot, tmp_path, runs, notes):
@@ -230,7 +242,7 @@ def test_stop_saves_a_checkpoint_and_ends_soon(make_napari_viewer, qtbot, tmp_pa
     assert any("stopped" in str(n.message) for n in notes)
     widget.resume.value = True  # resuming needs the run's own settings, so no preset etc. are passed
     config, layers = widget.plan()
-    assert config.resume and config.preset is None and layers is None
+    assert config.resume and config.preset is None and layers is None and Path(config.dataset) == data
 
     other = make_widget(viewer, tmp_path / "aborted")
     other.dataset.value = data

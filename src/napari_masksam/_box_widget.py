@@ -9,9 +9,9 @@ rectangle becomes a half-open voxel box ``(z0, z1, y0, x0, y1, x1)`` as
 * in-plane: the voxels the rectangle overlaps, clipped to the image;
 * along Z: the slices ``z0 .. z1`` of the spin boxes (both included; by default they follow the
   current slice, ± :data:`HALF_DEPTH`), which must hold the rectangle's own slice. When the
-  rectangles lie on exactly two slices, as many on each, and each rectangle on the first slice
-  overlaps the nearest one on the other in-plane, each such pair makes one box from the first
-  slice to the last, covering both.
+  rectangles lie on exactly two slices, as many on each, each rectangle on the first slice that
+  overlaps the nearest one on the other in-plane makes with it one box from the first slice to
+  the last, covering both; the others are boxed over the z-range.
 
 The masks go to the Labels layer ``"<image> [boxes]"``: box i of a run becomes a new label after
 the layer's largest one (earlier results stay), named ``"box <label>"`` in its ``features``.
@@ -33,7 +33,7 @@ from ._compat import load_triton_beside_mesa
 from ._layers import class_names_of, show_labels, volume_of
 from ._models import ModelPicker, box_model_choices
 from ._segment_widget import ModelCache, chosen_image, device_choices, image_choices, watch_layers
-from ._worker import Job, JobPanel, failed_job, notify_error, run_job
+from ._worker import Job, JobPanel, failed_job, notify_error, on_close, run_job
 
 if TYPE_CHECKING:
     import napari
@@ -53,28 +53,30 @@ def _in_plane(low: float, high: float, size: int) -> tuple[int, int]:
     return v0, v1
 
 
-def _paired_spans(rects: Sequence[Sequence[float]]) -> list[tuple[float, ...]] | None:
-    """Boxes from rectangles drawn on an object's first and last slices, or None when they are not such pairs.
+def _paired_spans(rects: Sequence[Sequence[float]]) -> tuple[list[tuple[float, ...]], list[Sequence[float]]]:
+    """(boxes from rectangles drawn on an object's first and last slices, the other rectangles).
 
-    They are when the rectangles lie on exactly two slices, as many on each, and each one on the
-    first slice overlaps in-plane the nearest one (by centre) on the other: rectangles around
-    different objects on two slices stay separate boxes over the z-range.
+    Pairs are looked for when the rectangles lie on exactly two slices, as many on each: each one
+    on the first slice with the nearest one (by centre) on the other. A pair whose rectangles
+    overlap in-plane is one object's two ends; the two rectangles of a pair that do not overlap are
+    different objects, each to be boxed over the z-range.
     """
     slices = sorted({int(r[0]) for r in rects})
     first = [r for r in rects if r[0] == slices[0]]
     if len(slices) != 2 or len(first) * 2 != len(rects):
-        return None
+        return [], list(rects)
     rest = [r for r in rects if r[0] == slices[1]]
-    spans = []
+    spans, single = [], []
     for r in first:
         centre = np.array([r[1] + r[3], r[2] + r[4]])
         j = min(range(len(rest)), key=lambda k: np.hypot(*(centre - [rest[k][1] + rest[k][3], rest[k][2] + rest[k][4]])))
         other = rest.pop(j)
         if min(r[3], other[3]) <= max(r[1], other[1]) or min(r[4], other[4]) <= max(r[2], other[2]):
-            return None  # they do not overlap: two objects, not one object's two ends
+            single += [r, other]  # they do not overlap: two objects, not one object's two ends
+            continue
         spans.append((slices[0], slices[1], min(r[1], other[1]), min(r[2], other[2]), max(r[3], other[3]),
                       max(r[4], other[4])))
-    return spans
+    return spans, single
 
 
 def boxes_from_rectangles(rects: Sequence[Sequence[float]], shape: Sequence[int], z_range: tuple[int, int]
@@ -89,14 +91,15 @@ def boxes_from_rectangles(rects: Sequence[Sequence[float]], shape: Sequence[int]
     for i, (z, *_) in enumerate(rects, 1):
         if not 0 <= z < depth:
             raise MaskSAMError(f"rectangle {i} is on slice {z}, outside the image's slices 0..{depth - 1}")
-    spans = _paired_spans(rects)
-    if spans is None:
+    spans, single = _paired_spans(rects)
+    if single:
         z0, z1 = (int(v) for v in z_range)
         if z0 > z1:
             raise MaskSAMError(f"the z-range {z0}..{z1} is empty: set z0 at or below z1")
         z0, z1 = max(z0, 0), min(z1, depth - 1)
-        spans = []
-        for i, (z, y_min, x_min, y_max, x_max) in enumerate(rects, 1):
+        for rect in single:
+            i = next(k for k, r in enumerate(rects, 1) if r is rect)
+            z, y_min, x_min, y_max, x_max = rect
             if not z0 <= z <= z1:
                 raise MaskSAMError(f"rectangle {i} is on slice {int(z)}, outside the z-range {z0}..{z1}: set z0 and "
                                    "z1 around it (or tick 'follow the current slice' and go to its slice)")
@@ -140,6 +143,7 @@ class BoxPromptWidget(Container):
         self.job: Job | None = None
         self.prompters = ModelCache(_load_prompter)
         self._setting_range = False
+        on_close(self, lambda: self.job is not None and self.job.cancel())
         self.add_boxes.changed.connect(self.add_boxes_layer)
         self.panel.run_button.changed.connect(lambda: self.run())
         self.image.changed.connect(self._follow_slice)
@@ -178,6 +182,13 @@ class BoxPromptWidget(Container):
         self.boxes.reset_choices()
         self.boxes.value = layer
         layers.selection.active = layer
+        if self.viewer.dims.ndisplay != 2 or tuple(self.viewer.dims.order[-3:]) != tuple(
+                sorted(self.viewer.dims.order[-3:])):
+            from napari.utils.notifications import show_info
+
+            self.viewer.dims.ndisplay = 2  # rectangles are drawn on axial slices
+            self.viewer.dims.order = tuple(range(self.viewer.dims.ndim))
+            show_info("switched to the 2D axial view: boxes are drawn on slices")
         layer.mode = "add_rectangle"
         return layer
 
@@ -212,7 +223,7 @@ class BoxPromptWidget(Container):
             raise MaskSAMError("no boxes layer: press 'Add boxes layer' and draw a rectangle around each object")
         point = np.asarray(self.viewer.dims.point, dtype=float)
         out = []
-        for vertices in shapes.data:
+        for i, vertices in enumerate(shapes.data, 1):
             world = []
             for vertex in np.asarray(vertices, dtype=float):
                 position = point.copy()
@@ -220,6 +231,9 @@ class BoxPromptWidget(Container):
                 world.append(image.world_to_data(position)[-3:])
             zyx = np.asarray(world)
             (z_min, y_min, x_min), (z_max, y_max, x_max) = zyx.min(0), zyx.max(0)
+            if z_max - z_min > 0.5:  # drawn across slices (a sagittal or coronal view): not an axial box
+                raise MaskSAMError(f"rectangle {i} spans slices {z_min:.0f} to {z_max:.0f}: boxes are drawn on axial "
+                                   "slices; draw it in the default view (slices along Z, the first axis)")
             out.append((float(round((z_min + z_max) / 2)), float(y_min), float(x_min), float(y_max), float(x_max)))
         return out
 

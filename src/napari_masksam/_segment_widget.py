@@ -22,7 +22,7 @@ from masksam_core.errors import MaskSAMError
 from ._compat import load_triton_beside_mesa
 from ._layers import show_labels, volume_of
 from ._models import ModelPicker, checkpoint_of, model_choices
-from ._worker import Job, JobPanel, failed_job, run_job
+from ._worker import Job, JobPanel, failed_job, on_close, run_job
 
 if TYPE_CHECKING:
     import napari
@@ -142,6 +142,7 @@ class SegmentWidget(Container):
         self.job: Job | None = None
         self.predictors = ModelCache(_load_predictor)
         self.panel.run_button.changed.connect(lambda: self.run())
+        on_close(self, lambda: self.job is not None and self.job.cancel())  # nobody is left to see the result
         watch_layers(viewer, self)
 
     def run(self, sync: bool = False) -> Job:

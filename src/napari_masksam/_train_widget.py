@@ -9,6 +9,7 @@ ends with a checkpoint is added to the models of the *Segment (MaskSAM)* widget.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import deque
@@ -27,7 +28,7 @@ from masksam_core.errors import MaskSAMError
 from . import _models
 from ._dataset_export import DATASET_FOLDER, LayersData, check_split, layers_training_data, write_dataset
 from ._compat import load_triton_beside_mesa
-from ._worker import Job, run_job
+from ._worker import Job, on_close, run_job
 
 if TYPE_CHECKING:
     import napari
@@ -161,6 +162,7 @@ class TrainWidget(Container):
         self.advanced.changed.connect(self._show_advanced)
         self.start_button.changed.connect(self.start)
         self.stop_button.changed.connect(self.stop)
+        on_close(self, self._closed)
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._reset_layers)
         self._show_advanced(False)
@@ -243,10 +245,8 @@ class TrainWidget(Container):
                                "never written over other files)")
         return out
 
-    def _settings(self, resume: bool) -> dict[str, Any]:
-        """The trainer's settings from the widgets; none when resuming (the run's own are used)."""
-        if resume:
-            return {}
+    def _settings(self) -> dict[str, Any]:
+        """The trainer's settings from the widgets (a resumed run uses its own)."""
         text = self.patch_size.value.replace(",", " ").replace("x", " ").split()
         if text and (len(text) != 3 or not all(t.isdigit() and int(t) > 0 for t in text)):
             raise MaskSAMError(f"patch size {self.patch_size.value!r}: give three positive integers T H W "
@@ -256,14 +256,43 @@ class TrainWidget(Container):
                 "patch_size": tuple(int(t) for t in text) if text else None, "num_queries": self.queries.value or None,
                 "augmentation": self.augmentation.value}
 
+    def _closed(self) -> None:
+        """The widget (or the viewer) was closed while training: save a checkpoint and end."""
+        if self.running and self.trainer is not None:
+            self.trainer.request_stop("the Train widget was closed")
+
+    def _run_dataset(self, out: Path) -> Path:
+        """The data set a run began with: its exported layers, else the folder in its config.json."""
+        if (out / DATASET_FOLDER / "dataset.json").is_file():
+            return out / DATASET_FOLDER
+        try:
+            folder = Path(json.loads((out / "config.json").read_text(encoding="utf-8"))["dataset"])
+        except (OSError, ValueError, KeyError, TypeError):
+            folder = None
+        if folder is not None and folder.is_dir():
+            return folder
+        chosen = Path(self.dataset.value or "").expanduser()
+        if (chosen / "dataset.json").is_file():
+            return chosen
+        raise MaskSAMError(f"the data set {out.name} was trained on ({folder or 'unknown'}) is not there: choose it "
+                           "as 'data set' (train on: data-set folder), then Start")
+
     def plan(self) -> tuple[TrainConfig, LayersData | None]:
-        """(The trainer's config, the layers to export or None); raises MaskSAMError saying what to fix."""
+        """(The trainer's config, the layers to export or None); raises MaskSAMError saying what to fix.
+
+        Resuming continues the run on the data it began with (its exported layers or its data-set
+        folder), whatever the source controls show."""
         from masksam_core.training.trainer import TrainConfig
 
-        resume, data, missing = bool(self.resume.value), None, []
+        data, missing = None, []
+        if self.resume.value:
+            out = self._out_folder(True)
+            return TrainConfig(dataset=str(self._run_dataset(out)), out=str(out), epochs=self.epochs.value,
+                               device=self.device.value, resume=True, time_limit=self.minutes.value or None,
+                               num_workers=self.workers.value), None
         if self.source.value == LAYERS:
             data = layers_training_data(self.image.value, self.labels_layer.value)
-            missing = check_split(data.labels, data.class_names, 0.0 if resume else self.val_fraction.value)
+            missing = check_split(data.labels, data.class_names, self.val_fraction.value)
         else:
             from masksam_core.data.dataset import check_dataset
 
@@ -277,11 +306,10 @@ class TrainWidget(Container):
             if problems:
                 more = f" (and {len(problems) - 3} more: masksam-core check lists them)" if len(problems) > 3 else ""
                 raise MaskSAMError("the data set has problems: " + "; ".join(map(str, problems[:3])) + more)
-        out = self._out_folder(resume)
+        out = self._out_folder(False)
         dataset = out / DATASET_FOLDER if data is not None else Path(self.dataset.value)
         config = TrainConfig(dataset=str(dataset), out=str(out), epochs=self.epochs.value, device=self.device.value,
-                             resume=resume, time_limit=self.minutes.value or None, num_workers=self.workers.value,
-                             **self._settings(resume))
+                             time_limit=self.minutes.value or None, num_workers=self.workers.value, **self._settings())
         if missing:
             self._message(f"{', '.join(missing)}: only in the validation slices, so not trained", "warning")
         return config, data
@@ -310,7 +338,7 @@ class TrainWidget(Container):
         def make(cancel_event: Any) -> Any:
             if data is not None:
                 yield TrainEvent("setup", message=f"writing the layers as a data set in {config.dataset}")
-                write_dataset(data, config.out, overwrite=config.resume)
+                write_dataset(data, config.out)
             self.trainer = Trainer(config)
             return (yield from self.trainer.run())
 
@@ -381,11 +409,15 @@ class TrainWidget(Container):
         return f" · {rate:.2f} it/s · ETA {_duration(left)}"
 
     def _on_finish(self, job: Job) -> None:
+        saved = job.error is None and (self._out / "checkpoint_last.pt").is_file()
+        if saved:
+            _models.add_run(self._out)  # first: the widget itself may be gone (closed while training)
+        # a run stays in its folder (Start again needs 'resume' or another folder); after a failure
+        # without a checkpoint a fresh automatic folder is taken next time
+        self._auto_out = self._auto_out and not saved
         self._set_running(False)
         self.plot.update(force=True)
-        if job.error is None and (self._out / "checkpoint_last.pt").is_file():
-            _models.add_run(self._out)
+        if saved:
             how = "stopped" if self._stopping or job.cancel_event.is_set() else "finished"
             self._message(f"Training {how}: the run is in {self._out} (tick 'resume' to continue it); it is listed "
                           "in the models of Segment (MaskSAM)")
-        self._auto_out = False  # the folder stays on this run: Start again needs 'resume' or another folder

@@ -160,7 +160,10 @@ def run_job(make: Callable[[threading.Event], Generator[Any, None, Any]], what: 
 
             show_info(f"{what}: stopped")
         if on_finish is not None:
-            on_finish(job)
+            try:
+                on_finish(job)
+            except RuntimeError as error:  # the widget was closed (its Qt objects deleted) while the job ran
+                log.debug("%s: finished after its widget was closed: %s", what, error)
 
     def body() -> Generator[Any, None, Any]:
         try:
@@ -191,6 +194,14 @@ def run_job(make: Callable[[threading.Event], Generator[Any, None, Any]], what: 
     job.worker = worker
     worker.start()
     return job
+
+
+def on_close(widget: Any, callback: Callable[[], None]) -> None:
+    """Call ``callback()`` when ``widget``'s Qt widget is destroyed (its dock or the viewer closed):
+    the widgets then stop or cancel their job instead of running on for nobody."""
+    destroyed = getattr(getattr(widget, "native", None), "destroyed", None)
+    if destroyed is not None:
+        destroyed.connect(lambda *_: callback())
 
 
 def _clock(seconds: float) -> str:
