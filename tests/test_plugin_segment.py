@@ -207,6 +207,13 @@ def test_cancel_stops_within_a_second(make_napari_viewer, qtbot, ct, tiny_run, n
     qtbot.wait(200)
     assert len(calls) == done  # nothing runs on after the stop
 
+    job = widget.run()  # again, then the dock (or napari) is closed while it runs
+    qtbot.waitUntil(lambda: len(calls) >= done + 3, timeout=60_000)
+    widget.native.close()
+    widget.native.deleteLater()
+    qtbot.waitUntil(lambda: job.done, timeout=5_000)
+    assert job.cancelled and job.error is None and len(calls) < done + total
+
 
 def test_bad_input_becomes_a_notification(make_napari_viewer, qtbot, ct, tiny_run, tmp_path, notes, monkeypatch):
     viewer = make_napari_viewer()

@@ -302,3 +302,43 @@ def test_bad_input_becomes_a_notification(make_napari_viewer, tmp_path, runs, no
     widget.patch_size.value = "4 64"
     refused("patch size")
     assert not (tmp_path / "new").exists() and not (tmp_path / "home" / "masksam-runs").exists()
+
+
+@pytest.mark.gui
+def test_closing_the_widget_saves_and_a_failed_start_frees_the_folder(make_napari_viewer, qtbot, tmp_path, runs,
+                                                                      notes, monkeypatch):
+    import torch
+
+    from masksam_core.errors import MaskSAMError
+    from masksam_core.training import trainer as trainer_module
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    viewer = make_napari_viewer()
+    data = make_phantom_dataset(tmp_path / "Dataset900_Phantom", cases=2, shape=(32, 32, 8))
+    widget = make_widget(viewer, tmp_path / "unused", epochs=3, iters=200)
+    widget._auto_out = True  # as opened: the folder follows the data set's name
+    widget.dataset.value = data
+    real_run = trainer_module.Trainer.run
+
+    def failing_run(self):
+        Path(self.config.out).mkdir(parents=True)
+        (Path(self.config.out) / "plans.json").write_text("{}")  # a failed start leaves files behind
+        raise MaskSAMError("boom")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(trainer_module.Trainer, "run", failing_run)
+    job = widget.start()
+    qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
+    first = Path(widget._out)
+    assert job.error is not None and (first / "plans.json").exists()
+    monkeypatch.setattr(trainer_module.Trainer, "run", real_run)
+    job = widget.start()  # not refused as "not empty": a new automatic folder
+    assert job is not None and Path(widget._out) != first
+    qtbot.waitUntil(lambda: len(widget.plot.iter_x) >= 2, timeout=60_000)
+    widget.native.close()
+    widget.native.deleteLater()  # the dock (or napari) closed while training
+    qtbot.waitUntil(lambda: job.done, timeout=60_000)
+    out = Path(widget._out)
+    state = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 0 and 2 <= state["iteration"] < 200  # stopped soon, with a checkpoint
+    assert runs.known_runs()[0] == out.resolve()  # and listed, though the widget is gone
