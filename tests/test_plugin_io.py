@@ -280,7 +280,7 @@ def test_writer_falls_back_to_scale_and_translate(tmp_path):
     labels[1, 2, 3] = 3
     stale = ImageGeometry(_oblique_affine(), (2.5, 1.1, 0.8), SHAPE)  # another shape: not this layer's
     meta = {"scale": (3.0, 2.0, 0.5), "translate": (10.0, -5.0, 1.0), "metadata": {"masksam": stale}}
-    with pytest.warns(UserWarning, match="do not match"):
+    with pytest.warns(UserWarning, match="do not match"), pytest.warns(UserWarning, match="no open scan layer"):
         write_labels(str(tmp_path / "seg.nii.gz"), labels, meta)
     expected = np.array([[0.5, 0, 0, 1.0], [0, 2.0, 0, -5.0], [0, 0, 3.0, 10.0], [0, 0, 0, 1]])
     assert np.allclose(nib.load(tmp_path / "seg.nii.gz").affine, expected)
@@ -415,7 +415,8 @@ def test_labels_drawn_in_napari_are_saved_on_the_scans_grid(make_napari_viewer, 
     viewer.open(str(_nifti(tmp_path / "other.nii.gz", _ct(), other)), plugin=PLUGIN)
     viewer.layers["other"].translate = image.translate  # both now lie exactly where the drawing lies
     out2 = tmp_path / "drawn2.nii.gz"
-    drawn.save(str(out2), plugin=PLUGIN)
+    with pytest.warns(UserWarning, match="no open scan layer lies where 'scan - Labels' lies"):
+        drawn.save(str(out2), plugin=PLUGIN)
     assert not np.allclose(nib.load(out2).affine, nib.load(src).affine)
 
 
@@ -440,7 +441,8 @@ def test_save_plain_labels_layer_with_its_scale(make_napari_viewer, tmp_path):
     data[1:3, 2:4, 1:4] = 1
     layer = viewer.add_labels(data, scale=(4.0, 0.5, 0.5), translate=(8.0, 2.0, -1.0), name="drawn")
     out = tmp_path / "drawn.nii"
-    assert layer.save(str(out), plugin=PLUGIN) == [str(out)]
+    with pytest.warns(UserWarning, match="no open scan layer lies where 'drawn' lies"):
+        assert layer.save(str(out), plugin=PLUGIN) == [str(out)]
     expected = np.array([[0.5, 0, 0, -1.0], [0, 0.5, 0, 2.0], [0, 0, 4.0, 8.0], [0, 0, 0, 1]])
     assert np.allclose(nib.load(out).affine, expected)
     assert np.array_equal(np.asarray(nib.load(out).dataobj).transpose(2, 1, 0), data)

@@ -106,6 +106,12 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
                       "layer's scale and translate instead of the scan's affine", stacklevel=2)
         geometry = None
     if not isinstance(geometry, ImageGeometry):
-        geometry = _scan_geometry_in_viewer(shape, meta) or geometry_from_meta(shape, meta)
+        geometry = _scan_geometry_in_viewer(shape, meta)
+    if not isinstance(geometry, ImageGeometry):
+        if any(float(t) for t in (meta.get("translate") or ())):
+            warnings.warn(f"no open scan layer lies where {meta.get('name', 'these labels')!r} lies: {path} gets the "
+                          "layer's own voxel size and position, with the axes as shown; to give it the scan's exact "
+                          "affine (orientation included), save while the scan it was drawn on is open", stacklevel=2)
+        geometry = geometry_from_meta(shape, meta)
     written = write_label_file(path, labels, geometry, class_names=_class_names(labels, meta), overwrite=True)
     return [os.fspath(written)]
