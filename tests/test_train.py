@@ -553,3 +553,52 @@ def test_validation_reports_progress_and_a_stop_ends_it(phantom, tmp_path):
             last.request_stop("interrupted")
     assert events[-1].kind == "stopped"  # not "done": the final model was never scored
     assert "trained all 1 epochs, but the last one's validation was cut short" in events[-1].message
+
+
+def test_validation_keeps_no_graph_and_the_time_limit_ends_it(phantom, tmp_path, monkeypatch):
+    """Validation runs without autograd (its memory stays that of inference) and --time-limit cuts it
+    short like a stop; an epoch without a score never becomes checkpoint_best.pt."""
+    from masksam_core.modeling.masksam import MaskSAM
+
+    grad_seen = []
+    forward = MaskSAM.forward
+
+    def recording(self, *args, **kwargs):
+        grad_seen.append((self.training, torch.is_grad_enabled()))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MaskSAM, "forward", recording)
+    config = dict(preset="tiny", iters_per_epoch=1, batch_size=1, patch_size=(2, 64, 64), val_cases=("ph_002",),
+                  device="cpu", num_workers=0, seed=5)
+    trainer = Trainer(TrainConfig(str(phantom), str(tmp_path / "run"), epochs=3, time_limit=1e-9, **config))
+    events = list(trainer.run())
+    validation = [e for e in events if e.kind == "validation"]
+    assert [(e.iteration, e.epoch) for e in validation] == [(1, 1)]  # cut after its first window
+    assert events[-1].kind == "stopped" and "time limit" in events[-1].message
+    assert (False, False) in grad_seen and all(grad for training, grad in grad_seen if training)
+    assert not any(grad for training, grad in grad_seen if not training)
+    assert (tmp_path / "run" / "checkpoint_last.pt").exists()
+    assert not (tmp_path / "run" / "checkpoint_best.pt").exists()  # epoch 1 was not scored
+
+
+def test_val_every_is_kept_on_resume_and_slabs_of_other_fractions_stay_apart(tmp_path):
+    from masksam_core.training.checkpoint import resolve_config
+    from masksam_core.training.data_setup import prepare_data
+
+    saved = {"val_every": 2, "preset": "tiny"}
+    assert resolve_config(TrainConfig("d", "o", resume=True), saved).val_every == 2
+    with pytest.raises(MaskSAMError, match="was trained with --val-every 2, not 1"):
+        resolve_config(TrainConfig("d", "o", resume=True, val_every=1), saved)
+    assert resolve_config(TrainConfig("d", "o")).val_every == 1
+
+    one = make_phantom_dataset(tmp_path / "Dataset902_One", cases=1, shape=(64, 64, 12))
+    cache = tmp_path / "shared_cache"
+    parts = {}
+    for fraction in (0.25, 0.5):
+        config = TrainConfig(str(one), str(tmp_path / f"run{fraction}"), preset="tiny", val_fraction=fraction,
+                             cache_dir=str(cache), num_workers=0, batch_size=1, iters_per_epoch=1)
+        config = resolve_config(config)
+        data = prepare_data(config, Path(config.out), patch_size=(2, 64, 64))
+        parts[fraction] = data.train_cases[0].image
+    assert parts[0.25] != parts[0.5]
+    assert np.load(parts[0.25]).shape[1] == 9 and np.load(parts[0.5]).shape[1] == 6  # each run's own slab

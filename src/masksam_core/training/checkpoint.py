@@ -41,7 +41,7 @@ FORMAT = 1
 NEW_RUN_DEFAULTS: dict[str, Any] = {
     "preset": "lite", "iters_per_epoch": 250, "batch_size": 2, "lr": 1e-3, "weight_decay": 1e-2, "seed": 0,
     "prompt_mode": "auto", "val_cases": (), "val_fraction": 0.2, "patch_size": None, "num_queries": None,
-    "sam_image_size": None, "augmentation": "full",
+    "sam_image_size": None, "augmentation": "full", "val_every": 1,
 }
 
 

@@ -143,7 +143,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float,
                    help="without --val-cases: fraction of cases held out, or for a single-case data set the "
                    "fraction of its slices (a slab at the end) (default: 0.2; 0 = no validation)")
-    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (default: 1)")
+    p.add_argument("--val-every", type=int, help="validate every N epochs (default: 1)")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in RUN_DIR from checkpoint_last.pt, with its settings (the model, data and "

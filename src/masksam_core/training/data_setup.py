@@ -62,7 +62,8 @@ def _slab_split(case: PreprocessedCase, fraction: float, folder: Path, num_class
         raise MaskSAMError(f"case {case.id} has {z} slices: too few to hold out {fraction:.0%} for validation; "
                            "pass --val-fraction 0 or add cases")
     folder.mkdir(parents=True, exist_ok=True)
-    img_path, lab_path = folder / f"{case.id}_image.npy", folder / f"{case.id}_labels.npy"
+    # named by the cut too: runs sharing a --cache-dir with other fractions never touch each other's files
+    img_path, lab_path = folder / f"{case.id}_z0-{cut}_image.npy", folder / f"{case.id}_z0-{cut}_labels.npy"
     if dist.is_main():
         _save_npy(img_path, image[:, :cut])
         _save_npy(lab_path, labels[:cut])

@@ -73,8 +73,8 @@ def validate_iter(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], cl
     def predictor(window: torch.Tensor) -> torch.Tensor:
         image = window[:, :-1] if gt_mode else window
         prompts = gt_prompts(window[:, -1].round().long(), c) if gt_mode else None
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = model(image, prompts)
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(image, prompts)  # no graph kept: validation runs between training steps
         return semantic_scores(out["pred_logits"], out["pred_masks"])
 
     total = sum(count_windows(np.shape(image)[1:], model.patch_size, 0.5) for image, _ in volumes)

@@ -18,7 +18,7 @@ import json
 import math
 import time
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,42 +31,9 @@ from ..modeling import build_model, gt_prompts
 from ..modeling.presets import get_preset, slice_size
 from . import checkpoint as ckpt_io
 from . import distributed as dist
+from .config import TrainConfig
 from .data_setup import patch_fit_note, prepare_data
 from .metrics import validate_on_main, write_curves
-
-@dataclass
-class TrainConfig:
-    """Every training setting; each is a ``masksam-core train`` flag. ``None``: the run's value when
-    resuming, else :data:`~.checkpoint.NEW_RUN_DEFAULTS` (``epochs``: the preset's; resuming: the run's)."""
-
-    dataset: str
-    out: str
-    preset: str | None = None
-    epochs: int | None = None
-    iters_per_epoch: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    device: str = "auto"
-    amp: str = "auto"
-    prompt_mode: str | None = None
-    val_cases: tuple[str, ...] | None = None
-    val_fraction: float | None = None
-    val_every: int = 1
-    seed: int | None = None
-    resume: bool = False
-    base_checkpoint: str | None = None
-    time_limit: float | None = None
-    num_workers: int = 2
-    grad_checkpointing: bool | None = None  # None: on for CPUs whose memory the step would crowd, else off
-    compile: bool = False
-    patch_size: tuple[int, int, int] | None = None
-    num_queries: int | None = None
-    sam_image_size: int | None = None  # None: the preset's, scaled with patch_size (see modeling.presets.slice_size)
-    augmentation: str | None = None
-    cache_dir: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-
 
 @dataclass
 class TrainEvent:
@@ -273,7 +240,9 @@ class Trainer:
                 yield TrainEvent("iteration", epoch, self.epochs, it + 1, c.iters_per_epoch, losses["loss"], lr)
                 (stop,) = dist.any_flags(self._stop or self._time_up(t0))  # every rank stops at the same step
                 if stop and it + 1 < c.iters_per_epoch:
-                    partial = {"sums": sums, "iterations": n_iter, "seconds": time.monotonic() - epoch_start}
+                    # the ranks' mean: each resumes from it, and the epoch's mean over ranks stays exact
+                    partial = {"sums": dist.mean_dict(sums), "iterations": n_iter,
+                               "seconds": time.monotonic() - epoch_start}
                     self._save(data, epoch, it + 1, best, partial=partial)
                     yield TrainEvent("stopped", epoch, self.epochs, it + 1, c.iters_per_epoch,
                                      message=f"{self._reason()}: saved {last_path} at epoch {epoch + 1}, "
@@ -284,11 +253,12 @@ class Trainer:
             metrics: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "iterations": n_iter}
             metrics.update({k: v / max(n_iter, 1) for k, v in sums.items()})
             if data.val_volumes and ((epoch + 1) % c.val_every == 0 or epoch + 1 == self.epochs):
-                scores = yield from self._validate(data, device, epoch + 1)
+                scores = yield from self._validate(data, device, epoch + 1, t0)
                 unscored = scores is None
                 metrics.update(scores or {})
             metrics["seconds"] = time.monotonic() - epoch_start
-            score = metrics.get("val_mean_dice", -metrics.get("loss", math.inf))
+            # with validation data only scored epochs compete (Dice); without, the training loss does
+            score = metrics.get("val_mean_dice", -math.inf if data.val_volumes else -metrics.get("loss", math.inf))
             improved = score > best
             best = max(best, score)
             self.history.append(metrics)
@@ -356,9 +326,12 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def _validate(self, data: Any, device: torch.device, epoch: int) -> Generator[TrainEvent, None, dict | None]:
-        """``validation`` events (windows done of all) while rank 0 scores; None if a stop cut it short."""
-        gen = validate_on_main(self.model, data.val_volumes, data.class_names, device, self.amp, lambda: self._stop)
+    def _validate(self, data: Any, device: torch.device, epoch: int,
+                  t0: float) -> Generator[TrainEvent, None, dict | None]:
+        """``validation`` events (windows done of all) while rank 0 scores; None if a stop (or the time
+        limit) cut it short."""
+        gen = validate_on_main(self.model, data.val_volumes, data.class_names, device, self.amp,
+                               lambda: self._stop or self._time_up(t0))
         while True:
             try:
                 done, total = next(gen)
