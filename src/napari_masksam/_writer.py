@@ -45,16 +45,6 @@ def _volume(data: Any) -> np.ndarray:
     return array
 
 
-def _placement(meta: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(scale, translate, affine matrix) of a layer's attributes, last three axes."""
-    get = meta.get if isinstance(meta, dict) else (lambda key: getattr(meta, key, None))
-    affine = get("affine")
-    affine = np.asarray(getattr(affine, "affine_matrix", affine) if affine is not None else np.eye(4), np.float64)
-    return (np.asarray(get("scale") if get("scale") is not None else (1.0,) * 3, np.float64)[-3:],
-            np.asarray(get("translate") if get("translate") is not None else (0.0,) * 3, np.float64)[-3:],
-            affine[-4:, -4:])
-
-
 def _scan_geometry_in_viewer(shape: tuple[int, int, int], meta: dict[str, Any]) -> ImageGeometry | None:
     """The stored geometry of the one scan in napari's current viewer that ``meta``'s layer lies on
     exactly (same shape, scale, translate and affine), or None (no viewer, none, or scans that disagree)."""
@@ -67,13 +57,14 @@ def _scan_geometry_in_viewer(shape: tuple[int, int, int], meta: dict[str, Any]) 
         layers = list(viewer.layers) if viewer is not None else []
     except Exception:  # noqa: BLE001 -- no viewer to look in: the layer's own placement is used
         return None
-    mine = _placement(meta)
+    mine = geometry_from_meta(shape, meta).affine  # where napari shows the labels
     found: list[ImageGeometry] = []
     for layer in layers:
         geometry = (getattr(layer, "metadata", None) or {}).get(GEOMETRY_KEY)
         if not isinstance(geometry, ImageGeometry) or tuple(geometry.shape) != shape:
             continue
-        if all(np.allclose(a, b) for a, b in zip(_placement(layer), mine)):
+        shown = geometry_from_meta(shape, {"scale": layer.scale, "translate": layer.translate, "affine": layer.affine})
+        if np.allclose(shown.affine, mine):
             if not any(np.allclose(geometry.affine, g.affine) for g in found):
                 found.append(geometry)
     return found[0] if len(found) == 1 else None

@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -152,8 +153,8 @@ def sliding_window(
     return result[(slice(None), *(slice(b, b + n) for b, n in zip(before, shape)))]
 
 
-def run(gen: Generator[Progress, None, torch.Tensor], callback: Callable[[Progress], None] | None = None) -> torch.Tensor:
-    """Drive a progress generator to the end and return its result."""
+def run(gen: Generator[Any, None, Any], callback: Callable[[Any], None] | None = None) -> Any:
+    """Drive a progress generator (this module's, or any other) to the end and return its result."""
     while True:
         try:
             progress = next(gen)

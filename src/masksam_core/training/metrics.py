@@ -36,12 +36,9 @@ def validate(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_n
     None where none does) and ``val_mean_dice`` (their mean; 0.0 when no class was present). Leaves
     ``model`` in eval mode. :func:`validate_iter` is the same with progress and a way to stop.
     """
-    gen = validate_iter(model, volumes, class_names, device, amp)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as done:
-            return done.value
+    from ..inference.sliding_window import run
+
+    return run(validate_iter(model, volumes, class_names, device, amp))
 
 
 def validate_on_main(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_names: Sequence[str],
