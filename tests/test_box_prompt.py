@@ -3,7 +3,8 @@
 Geometry is checked with stand-ins for SAM whose answer is known exactly: a "segmenter" that
 returns the prompt box itself (or the bright part of the image), so the output must be the box
 (or the bright object) on the original slice grid after longest-side resize, padding and back.
-The real LiteMedSAM runs on a real lesion slice (tests named ``lite``, slow).
+The real LiteMedSAM runs on a real lesion slice (tests named ``lite``, slow). Rectangles drawn on
+slices become voxel boxes by hand-worked cases (``box_geometry``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 
 from masksam_core.cli import main
 from masksam_core.errors import MaskSAMError
-from masksam_core.inference.box_prompt import BoxPrompter, SliceFrame, check_boxes, zero_shot_logits
+from masksam_core.inference.box_geometry import boxes_from_rectangles
+from masksam_core.inference.box_prompt import BoxPrompter, SliceFrame, check_boxes
 from masksam_core.modeling import build_backbone, build_model
 from masksam_core.training.checkpoint import FORMAT
 
@@ -64,7 +66,8 @@ def test_zero_shot_logits_equal_masksam_zero_shot():
     model = build_model("tiny", pretrained=False).eval()
     images = torch.randn(2, 3, 64, 64)
     boxes = torch.tensor([[[4.0, 6.0, 30.0, 40.0]], [[10.0, 2.0, 60.0, 20.0]]])
-    assert torch.equal(zero_shot_logits(model.sam, images, boxes), model.zero_shot(images, boxes))
+    prompter = BoxPrompter(model.sam, device="cpu", amp="off")  # the box prompter's zero-shot engine
+    assert torch.equal(prompter.predict_slices(images, boxes), model.zero_shot(images, boxes))
 
 
 @pytest.mark.parametrize(("yx", "box"), [
@@ -341,3 +344,42 @@ def test_lite_cli_end_to_end_on_lesion_scan(shared_data, tmp_path):
     assert labels[z0:z1].any() and not labels[:z0].any() and not labels[z1:].any()
     dice = 2 * ((labels[z0:z1] > 0) & lesion[z0:z1]).sum() / ((labels[z0:z1] > 0).sum() + lesion[z0:z1].sum())
     assert dice > 0.5
+
+
+# --------------------------------------------------------------------------- rectangles -> voxel boxes
+
+
+def test_rectangle_edges_map_to_the_voxels_they_overlap():
+    """Voxel v spans v - 0.5 .. v + 0.5: a rectangle from edge to edge covers exactly those voxels, one that
+    ends inside a voxel covers it, and the part outside the image is clipped."""
+    shape = (6, 20, 30)
+    assert boxes_from_rectangles([(2, 3.5, 4.5, 9.5, 11.5)], shape, (1, 3)) == [(1, 4, 4, 5, 10, 12)]
+    assert boxes_from_rectangles([(2, 3.6, 4.2, 9.4, 11.7)], shape, (2, 2)) == [(2, 3, 4, 4, 10, 13)]
+    assert boxes_from_rectangles([(0, -5.0, 25.0, 3.0, 40.0)], shape, (0, 5)) == [(0, 6, 0, 25, 4, 30)]
+    with pytest.raises(MaskSAMError, match="box 1 lies outside the image in-plane"):
+        boxes_from_rectangles([(1, 30.0, 30.0, 40.0, 40.0)], shape, (0, 5))
+    with pytest.raises(MaskSAMError, match="rectangle 1 is on slice 7, outside the image's slices 0..5"):
+        boxes_from_rectangles([(7, 0.0, 0.0, 4.0, 4.0)], shape, (0, 5))
+    with pytest.raises(MaskSAMError, match="no boxes"):
+        boxes_from_rectangles([], shape, (0, 5))
+    with pytest.raises(MaskSAMError, match="z-range 4..3 is empty"):
+        boxes_from_rectangles([(3, 0, 0, 2, 2)], (6, 20, 20), (4, 3))
+
+
+def test_rectangles_of_two_objects_on_two_slices_stay_two_boxes():
+    """Only overlapping rectangles on two slices are one object's ends; others are boxed over the z-range."""
+    ends = [(4, 9.5, 9.5, 19.5, 19.5), (9, 11.5, 7.5, 23.5, 17.5)]  # one object's first and last slice (voxel edges)
+    assert boxes_from_rectangles(ends, (12, 40, 40), (0, 0)) == [(4, 10, 10, 8, 24, 20)]
+    apart = [(4, -0.5, -0.5, 9.5, 9.5), (9, 24.5, 24.5, 34.5, 34.5)]  # two organs, one rectangle each
+    assert boxes_from_rectangles(apart, (12, 40, 40), (3, 10)) == [(3, 11, 0, 0, 10, 10), (3, 11, 25, 25, 35, 35)]
+    with pytest.raises(Exception, match="rectangle 2 is on slice 9, outside the z-range 3..6"):
+        boxes_from_rectangles(apart, (12, 40, 40), (3, 6))  # said, not silently merged
+
+
+def test_pairs_are_decided_one_by_one():
+    """One object's two ends pair up while a second object on the same two slices is boxed over the z-range."""
+    a_ends = [(5, 9.5, 9.5, 19.5, 19.5), (9, 11.5, 11.5, 21.5, 21.5)]  # overlapping: object A, slices 5..9
+    b_apart = [(5, 29.5, 29.5, 34.5, 34.5), (9, 0.5, 30.5, 4.5, 35.5)]  # nearest to each other but apart
+    boxes = boxes_from_rectangles([a_ends[0], b_apart[0], a_ends[1], b_apart[1]], (12, 40, 40), (4, 10))
+    assert boxes[0] == (5, 10, 10, 10, 22, 22)  # A: one box over its two ends
+    assert sorted(boxes[1:]) == [(4, 11, 1, 31, 5, 36), (4, 11, 30, 30, 35, 35)]  # B's rectangles: z-range

@@ -19,7 +19,7 @@ from masksam_core.inference.sliding_window import Progress
 from masksam_core.io import ImageGeometry, read_image
 from napari_masksam import _box_widget, _models
 from masksam_core.errors import MaskSAMError
-from napari_masksam._box_widget import BOXES_LAYER, BoxPromptWidget, boxes_from_rectangles
+from napari_masksam._box_widget import BOXES_LAYER, BoxPromptWidget
 from napari_masksam._layers import image_layer_kwargs
 
 pytestmark = pytest.mark.gui
@@ -162,8 +162,6 @@ def test_bad_boxes_become_notifications(make_napari_viewer, monkeypatch, notes):
     widget.run()
     assert "box 1 lies outside the image" in notes[-1][1]
     assert [lay.name for lay in viewer.layers] == ["scan", BOXES_LAYER]
-    with pytest.raises(Exception, match="z-range 4..3 is empty"):
-        boxes_from_rectangles([(3, 0, 0, 2, 2)], (6, 20, 20), (4, 3))
 
 
 @pytest.mark.slow
@@ -205,26 +203,9 @@ def test_lite_box_on_a_real_lung_lesion(make_napari_viewer, qtbot, shared_data):
     assert dice > 0.6
 
 
-def test_rectangles_of_two_objects_on_two_slices_stay_two_boxes():
-    """Only overlapping rectangles on two slices are one object's ends; others are boxed over the z-range."""
-    ends = [(4, 9.5, 9.5, 19.5, 19.5), (9, 11.5, 7.5, 23.5, 17.5)]  # one object's first and last slice (voxel edges)
-    assert boxes_from_rectangles(ends, (12, 40, 40), (0, 0)) == [(4, 10, 10, 8, 24, 20)]
-    apart = [(4, -0.5, -0.5, 9.5, 9.5), (9, 24.5, 24.5, 34.5, 34.5)]  # two organs, one rectangle each
-    assert boxes_from_rectangles(apart, (12, 40, 40), (3, 10)) == [(3, 11, 0, 0, 10, 10), (3, 11, 25, 25, 35, 35)]
-    with pytest.raises(Exception, match="rectangle 2 is on slice 9, outside the z-range 3..6"):
-        boxes_from_rectangles(apart, (12, 40, 40), (3, 6))  # said, not silently merged
-
-
-def test_pairs_are_decided_one_by_one_and_boxes_are_axial(make_napari_viewer, notes):
-    """One object's two ends pair up while a second object on the same two slices is boxed over the
-    z-range; a rectangle drawn across slices (a side view) is refused; Add boxes layer brings the
-    axial 2D view back."""
-    a_ends = [(5, 9.5, 9.5, 19.5, 19.5), (9, 11.5, 11.5, 21.5, 21.5)]  # overlapping: object A, slices 5..9
-    b_apart = [(5, 29.5, 29.5, 34.5, 34.5), (9, 0.5, 30.5, 4.5, 35.5)]  # nearest to each other but apart
-    boxes = boxes_from_rectangles([a_ends[0], b_apart[0], a_ends[1], b_apart[1]], (12, 40, 40), (4, 10))
-    assert boxes[0] == (5, 10, 10, 10, 22, 22)  # A: one box over its two ends
-    assert sorted(boxes[1:]) == [(4, 11, 1, 31, 5, 36), (4, 11, 30, 30, 35, 35)]  # B's rectangles: z-range
-
+def test_boxes_are_axial(make_napari_viewer, notes):
+    """A rectangle drawn across slices (a side view) is refused; Add boxes layer brings the axial 2D
+    view back. (How rectangles pair up into boxes: tests/test_box_prompt.py.)"""
     viewer = make_napari_viewer()
     image = viewer.add_image(np.zeros((12, 40, 40), np.float32), name="scan")
     widget = make_widget(viewer)

@@ -22,7 +22,8 @@ from masksam_core.inference.predictor import Predictor
 from masksam_core.io import read_image
 from napari_masksam import _models
 from napari_masksam._layers import GEOMETRY_KEY, image_layer_kwargs
-from napari_masksam._segment_widget import SegmentWidget, device_choices
+from napari_masksam._job_widget import device_choices
+from napari_masksam._segment_widget import SegmentWidget
 
 from runs import write_tiny_run
 
@@ -96,9 +97,9 @@ def crop_layer(viewer, ct, z=(50, 53), y=(40, 52), x=(40, 52), name="ct crop"):
 
 
 def test_mirroring_is_on_by_default_on_a_gpu_and_off_on_the_cpu(make_napari_viewer, monkeypatch):
-    from napari_masksam import _segment_widget
+    from napari_masksam import _job_widget
 
-    monkeypatch.setattr(_segment_widget, "available_devices", lambda: ["cuda", "cpu"])
+    monkeypatch.setattr(_job_widget, "available_devices", lambda: ["cuda", "cpu"])
     widget = make_widget(make_napari_viewer())
     assert widget.device.value == "auto" and widget.tta.value is True  # auto = the GPU
     widget.device.value = "cpu"
@@ -107,7 +108,7 @@ def test_mirroring_is_on_by_default_on_a_gpu_and_off_on_the_cpu(make_napari_view
     assert widget.tta.value is True
     widget.device.value = "cuda"
     assert widget.tta.value is True
-    monkeypatch.setattr(_segment_widget, "available_devices", lambda: ["cpu"])
+    monkeypatch.setattr(_job_widget, "available_devices", lambda: ["cpu"])
     assert make_widget(make_napari_viewer()).tta.value is False
 
 

@@ -152,9 +152,9 @@ def make_widget(viewer, out: Path, *, epochs: int = 1, iters: int = 3, queries: 
 
 def train(qtbot, widget, timeout: float = 90.0) -> None:
     job = widget.start()
-    assert job is not None, widget.status.value
+    assert job is not None, widget.panel.status.value
     qtbot.waitUntil(lambda: not widget.running, timeout=int(timeout * 1000))
-    assert job.error is None, widget.status.value
+    assert job.error is None, widget.panel.status.value
 
 
 @pytest.mark.gui
@@ -174,7 +174,7 @@ def test_train_from_a_dataset_folder(make_napari_viewer, qtbot, tmp_path, runs, 
     assert widget.plot.epoch_loss == pytest.approx([rows[0]["loss"]])
     assert widget.plot.dice == pytest.approx([rows[0]["val_mean_dice"]])
     assert len(widget.plot.iter_line.get_xdata()) == 3
-    assert widget.progress.value == widget.progress.max == 3
+    assert widget.panel.progress.value == widget.panel.progress.max == 3
     assert "it/s" in widget.stats.value and "loss" in widget.stats.value
     assert any(str(out.resolve()) in str(n.message) and "finished" in str(n.message) for n in notes)
     assert widget.start() is None  # the folder now holds a run: not without 'resume'

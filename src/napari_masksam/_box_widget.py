@@ -2,116 +2,41 @@
 
 Rectangles live in a Shapes layer (``"boxes [MaskSAM]"``, made by "Add boxes layer" with the
 image's scale, translate and affine, so that its data coordinates are the image's voxel
-indices; any other Shapes layer works too: vertices go through world coordinates). Each
-rectangle becomes a half-open voxel box ``(z0, z1, y0, x0, y1, x1)`` as
-``BoxPrompter.segment_iter`` takes it (see ``masksam_core.inference.box_prompt``):
-
-* in-plane: the voxels the rectangle overlaps, clipped to the image;
-* along Z: the slices ``z0 .. z1`` of the spin boxes (both included; by default they follow the
-  current slice, ± :data:`HALF_DEPTH`), which must hold the rectangle's own slice. When the
-  rectangles lie on exactly two slices, as many on each, each rectangle on the first slice that
-  overlaps the nearest one on the other in-plane makes with it one box from the first slice to
-  the last, covering both; the others are boxed over the z-range.
+indices; any other Shapes layer works too: vertices go through world coordinates). Their
+(slice, y_min, x_min, y_max, x_max) in the image's voxel coordinates become half-open voxel boxes
+by :func:`masksam_core.inference.box_geometry.boxes_from_rectangles`, with the z-range of the spin
+boxes ``z0 .. z1`` (both included; by default they follow the current slice, ± :data:`HALF_DEPTH`).
+Rectangles on exactly two slices, as many on each, can span the slices between them themselves.
 
 The masks go to the Labels layer ``"<image> [boxes]"``: box i of a run becomes a new label after
-the layer's largest one (earlier results stay), named ``"box <label>"`` in its ``features``.
+the layer's largest one (earlier results stay), named ``"box <label>"`` in its ``features``. The
+image, model, device and Run / Cancel parts are :class:`._job_widget.JobWidget`'s.
 """
 
 from __future__ import annotations
 
-import math
 import threading
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, PushButton, SpinBox
 
 from masksam_core.errors import MaskSAMError
+from masksam_core.inference.box_geometry import boxes_from_rectangles
 
-from ._compat import load_triton_beside_mesa
+from ._job_widget import JobWidget, Make, chosen_image
 from ._layers import class_names_of, show_labels, volume_of
-from ._models import ModelPicker, box_model_choices
-from ._segment_widget import ModelCache, chosen_image, device_choices, image_choices, watch_layers
-from ._worker import Job, JobPanel, failed_job, notify_error, on_close, run_job
+from ._models import box_model_choices
+from ._worker import notify_error
 
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["BOXES_LAYER", "BoxPromptWidget", "boxes_from_rectangles"]
+__all__ = ["BOXES_LAYER", "BoxPromptWidget"]
 
-WHAT = "Box prompt (MaskSAM)"
 BOXES_LAYER = "boxes [MaskSAM]"
 HALF_DEPTH = 2  # slices above and below the current one
-EPS = 1e-6  # coordinates this close to a voxel edge count as on it
-
-
-def _in_plane(low: float, high: float, size: int) -> tuple[int, int]:
-    """Half-open voxel range [v0, v1) overlapped by [low, high] (voxel v spans v - 0.5 .. v + 0.5)."""
-    v0 = max(math.floor(low + 0.5 + EPS), 0)
-    v1 = min(math.ceil(high - 0.5 - EPS) + 1, size)
-    return v0, v1
-
-
-def _paired_spans(rects: Sequence[Sequence[float]]) -> tuple[list[tuple[float, ...]], list[Sequence[float]]]:
-    """(boxes from rectangles drawn on an object's first and last slices, the other rectangles).
-
-    Pairs are looked for when the rectangles lie on exactly two slices, as many on each: each one
-    on the first slice with the nearest one (by centre) on the other. A pair whose rectangles
-    overlap in-plane is one object's two ends; the two rectangles of a pair that do not overlap are
-    different objects, each to be boxed over the z-range.
-    """
-    slices = sorted({int(r[0]) for r in rects})
-    first = [r for r in rects if r[0] == slices[0]]
-    if len(slices) != 2 or len(first) * 2 != len(rects):
-        return [], list(rects)
-    rest = [r for r in rects if r[0] == slices[1]]
-    spans, single = [], []
-    for r in first:
-        centre = np.array([r[1] + r[3], r[2] + r[4]])
-        j = min(range(len(rest)), key=lambda k: np.hypot(*(centre - [rest[k][1] + rest[k][3], rest[k][2] + rest[k][4]])))
-        other = rest.pop(j)
-        if min(r[3], other[3]) <= max(r[1], other[1]) or min(r[4], other[4]) <= max(r[2], other[2]):
-            single += [r, other]  # they do not overlap: two objects, not one object's two ends
-            continue
-        spans.append((slices[0], slices[1], min(r[1], other[1]), min(r[2], other[2]), max(r[3], other[3]),
-                      max(r[4], other[4])))
-    return spans, single
-
-
-def boxes_from_rectangles(rects: Sequence[Sequence[float]], shape: Sequence[int], z_range: tuple[int, int]
-                          ) -> list[tuple[int, int, int, int, int, int]]:
-    """Voxel boxes (z0, z1, y0, x0, y1, x1), half-open, from rectangles (slice, y_min, x_min, y_max, x_max)
-    in the image's voxel coordinates (Z, Y, X) ``shape``; ``z_range`` = (first, last) slice, inclusive.
-    See the module docstring for the rules; errors say which rectangle is wrong."""
-    if not rects:
-        raise MaskSAMError("no boxes: press 'Add boxes layer' and draw a rectangle around each object on one "
-                           "of its slices")
-    depth, height, width = (int(n) for n in shape[-3:])
-    for i, (z, *_) in enumerate(rects, 1):
-        if not 0 <= z < depth:
-            raise MaskSAMError(f"rectangle {i} is on slice {z}, outside the image's slices 0..{depth - 1}")
-    spans, single = _paired_spans(rects)
-    if single:
-        z0, z1 = (int(v) for v in z_range)
-        if z0 > z1:
-            raise MaskSAMError(f"the z-range {z0}..{z1} is empty: set z0 at or below z1")
-        z0, z1 = max(z0, 0), min(z1, depth - 1)
-        for rect in single:
-            i = next(k for k, r in enumerate(rects, 1) if r is rect)
-            z, y_min, x_min, y_max, x_max = rect
-            if not z0 <= z <= z1:
-                raise MaskSAMError(f"rectangle {i} is on slice {int(z)}, outside the z-range {z0}..{z1}: set z0 and "
-                                   "z1 around it (or tick 'follow the current slice' and go to its slice)")
-            spans.append((z0, z1, y_min, x_min, y_max, x_max))
-    boxes = []
-    for i, (z0, z1, y_min, x_min, y_max, x_max) in enumerate(spans, 1):
-        (y0, y1), (x0, x1) = _in_plane(y_min, y_max, height), _in_plane(x_min, x_max, width)
-        if y0 >= y1 or x0 >= x1:
-            raise MaskSAMError(f"box {i} lies outside the image in-plane ({height} x {width} voxels): draw it on the "
-                               "image")
-        boxes.append((int(z0), int(z1) + 1, y0, x0, y1, x1))
-    return boxes
 
 
 def _load_prompter(model: Any, device: str) -> Any:
@@ -120,14 +45,13 @@ def _load_prompter(model: Any, device: str) -> Any:
     return BoxPrompter(model, device=device)
 
 
-class BoxPromptWidget(Container):
+class BoxPromptWidget(JobWidget):
     """Segment the objects inside rectangles drawn on an image ("Box prompt (MaskSAM)")."""
 
+    WHAT = "Box prompt (MaskSAM)"
+
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
-        load_triton_beside_mesa()  # before the worker imports the model (see _compat)
-        self.viewer = viewer
-        self.image = ComboBox(label="image", choices=lambda _: image_choices(viewer),
-                              tooltip="a 3D scan (Z, Y, X); open one with File > Open or File > Open Sample")
+        self.viewer = viewer  # the boxes picker's choices need it
         self.boxes = ComboBox(label="boxes", choices=self._shapes_choices,
                               tooltip="the Shapes layer with the rectangles, one per object")
         self.add_boxes = PushButton(text="Add boxes layer")
@@ -135,23 +59,15 @@ class BoxPromptWidget(Container):
         self.z1 = SpinBox(label="z1 (last slice)", min=0, max=0)
         self.follow = CheckBox(value=True, text=f"follow the current slice (± {HALF_DEPTH})",
                                tooltip="rectangles on exactly two slices define the slices themselves")
-        self.model = ModelPicker(box_model_choices, label="model")
-        self.device = ComboBox(label="device", choices=device_choices(), value="auto")
-        self.panel = JobPanel(unit="slices")
-        super().__init__(widgets=[self.image, self.boxes, self.add_boxes, self.z0, self.z1, self.follow,
-                                  self.model, self.device, self.panel])
-        self.job: Job | None = None
-        self.prompters = ModelCache(_load_prompter)
         self._setting_range = False
-        on_close(self, lambda: self.job is not None and self.job.cancel())
+        super().__init__(viewer, models=box_model_choices, load=_load_prompter, unit="slices",
+                         before=[self.boxes, self.add_boxes, self.z0, self.z1, self.follow])
         self.add_boxes.changed.connect(self.add_boxes_layer)
-        self.panel.run_button.changed.connect(lambda: self.run())
         self.image.changed.connect(self._follow_slice)
         self.follow.changed.connect(self._follow_slice)
         self.z0.changed.connect(self._range_edited)
         self.z1.changed.connect(self._range_edited)
         viewer.dims.events.point.connect(self._follow_slice)
-        watch_layers(viewer, self)
         self._follow_slice()
 
     # ------------------------------------------------------------------ layers
@@ -169,7 +85,7 @@ class BoxPromptWidget(Container):
         try:
             image = chosen_image(self.image, self.viewer)
         except MaskSAMError as error:
-            notify_error(error, WHAT)
+            notify_error(error, self.WHAT)
             return None
         layers = self.viewer.layers
         if BOXES_LAYER in layers and isinstance(layers[BOXES_LAYER], Shapes):
@@ -244,39 +160,24 @@ class BoxPromptWidget(Container):
                                      (int(self.z0.value), int(self.z1.value)))
 
     # ------------------------------------------------------------------ running
-    def run(self, sync: bool = False) -> Job:
-        """Segment one object per box in a thread worker (``sync``: here, blocking); returns the Job,
-        also kept as ``self.job``. Bad input ends the job at once with a notification."""
-        if self.job is not None and self.job.running:
-            return self.job
-        try:
-            image = chosen_image(self.image, self.viewer)
-            volume, spacing, _ = volume_of(image)
-            boxes = self.voxel_boxes(image)
-            model, device = self.model.value, str(self.device.value)
-            if model is None:
-                raise MaskSAMError("no model to choose")
-        except Exception as error:  # noqa: BLE001 - bad input becomes a notification
-            self.job = failed_job(error, WHAT)
-            return self.job
+    def prepare(self) -> tuple[Make, Callable[[Any], None]]:
+        """One object per box of the chosen image, added to ``"<image> [boxes]"``."""
+        image = chosen_image(self.image, self.viewer)
+        volume, spacing, _ = volume_of(image)
+        boxes = self.voxel_boxes(image)
+        model, device = self.model.value, str(self.device.value)
+        if model is None:
+            raise MaskSAMError("no model to choose")
         self.panel.unit = "slices" if str(model) in ("lite", "vit_b", "vit_l", "vit_h") else "windows"
 
         def make(cancel: threading.Event) -> Generator[Any, None, Any]:
-            prompter = self.prompters.get(model, device)
+            prompter = self.loaded.get(model, device)
             return (yield from prompter.segment_iter(volume, boxes, spacing=spacing))
 
         def show(labels: np.ndarray) -> None:
             self.add_labels(image, labels, len(boxes))
 
-        self.job = run_job(make, WHAT, on_yield=self.panel.show_progress, on_return=show,
-                           on_finish=self.panel.finished, sync=sync)
-        if self.job.running:
-            self.panel.started(self.job)
-        return self.job
-
-    def cancel(self) -> None:
-        """Stop the running job at its next slice (or window)."""
-        self.panel.cancel()
+        return make, show
 
     def add_labels(self, image: Any, labels: np.ndarray, count: int) -> Any:
         """Write box masks ``labels`` (Z, Y, X), values 1..``count``, into ``"<image> [boxes]"`` as new

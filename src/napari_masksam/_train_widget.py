@@ -1,9 +1,10 @@
 """The *Train (MaskSAM)* widget: train a model on a data-set folder or on the open layers.
 
-It only gathers settings and shows progress; ``masksam_core``'s :class:`Trainer` does the work, in a
-napari worker thread (:func:`._worker.run_job`). Sources: a folder in the nnU-Net v2 raw layout, or
-an Image layer and the Labels layer painted on it (exported as a one-case data set into the run
-folder, see :mod:`._dataset_export`). Stop asks the trainer to save a checkpoint and end; a run that
+It only gathers settings and shows progress (Start / Stop and the progress bar are a
+:class:`._job_widget.JobPanel`, the curves a :class:`._training_plot.TrainingPlot`); ``masksam_core``'s
+:class:`Trainer` does the work, in a napari worker thread (:func:`._worker.run_job`). Sources: a folder
+in the nnU-Net v2 raw layout, or an Image layer and the Labels layer painted on it (exported as a
+one-case data set into the run folder, see :mod:`._dataset_export`). Stop asks the trainer to save a checkpoint and end; a run that
 ends with a checkpoint is added to the models of the *Segment (MaskSAM)* widget.
 """
 
@@ -18,8 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import (
-    CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton,
-    RadioButtons, SpinBox,
+    CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, RadioButtons, SpinBox,
 )
 
 from masksam_core.devices import available_devices
@@ -28,14 +28,16 @@ from masksam_core.errors import MaskSAMError
 from . import _models
 from ._dataset_export import DATASET_FOLDER, LayersData, check_split, layers_training_data, write_dataset
 from ._compat import load_triton_beside_mesa
-from ._worker import Job, on_close, run_job
+from ._job_widget import JobPanel, on_close
+from ._training_plot import TrainingPlot
+from ._worker import Job, run_job
 
 if TYPE_CHECKING:
     import napari
 
     from masksam_core.training.trainer import TrainConfig, TrainEvent
 
-__all__ = ["TrainWidget", "TrainingPlot", "default_preset"]
+__all__ = ["TrainWidget", "default_preset"]
 
 FOLDER, LAYERS = "data-set folder", "open layers"
 RUNS_FOLDER = "masksam-runs"
@@ -46,60 +48,6 @@ def default_preset() -> str:
     from masksam_core import weights
 
     return "lite" if weights.path("lite") is not None else "tiny"
-
-
-class TrainingPlot:
-    """Training loss per iteration and per epoch, validation mean Dice per epoch (x axis: epochs).
-
-    A matplotlib canvas for a Qt layout; :meth:`update` redraws at most every ``interval`` seconds.
-    """
-
-    def __init__(self, interval: float = 0.4) -> None:
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.interval, self._drawn = interval, 0.0
-        self.figure = Figure(figsize=(4.0, 3.2), layout="constrained")
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(220)
-        self.loss_ax, self.dice_ax = self.figure.subplots(2, 1, sharex=True)
-        (self.iter_line,) = self.loss_ax.plot([], [], lw=0.8, alpha=0.6, label="iteration")
-        (self.epoch_line,) = self.loss_ax.plot([], [], "o-", ms=3, label="epoch mean")
-        (self.dice_line,) = self.dice_ax.plot([], [], "o-", ms=3, color="C2")
-        self.loss_ax.set(ylabel="training loss")
-        self.loss_ax.legend(loc="upper right", fontsize="small")
-        self.dice_ax.set(ylabel="val. mean Dice", xlabel="epoch", ylim=(0, 1))
-        self.clear()
-
-    def clear(self) -> None:
-        self.iter_x, self.iter_loss, self.epoch_x, self.epoch_loss, self.dice_x, self.dice = ([] for _ in range(6))
-        self.update(force=True)
-
-    def add_iteration(self, x: float, loss: float) -> None:
-        self.iter_x.append(x)
-        self.iter_loss.append(loss)
-        self.update()
-
-    def add_epoch(self, epoch: int, loss: float, dice: float | None) -> None:
-        self.epoch_x.append(epoch)
-        self.epoch_loss.append(loss)
-        if dice is not None:
-            self.dice_x.append(epoch)
-            self.dice.append(dice)
-        self.update(force=True)
-
-    def update(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._drawn < self.interval:
-            return
-        self._drawn = now
-        self.iter_line.set_data(self.iter_x, self.iter_loss)
-        self.epoch_line.set_data(self.epoch_x, self.epoch_loss)
-        self.dice_line.set_data(self.dice_x, self.dice)
-        self.loss_ax.relim()
-        self.loss_ax.autoscale_view()
-        self.dice_ax.set_xlim(0, 1.04 * max([1.0, *self.iter_x[-1:], *self.epoch_x[-1:]]))
-        self.canvas.draw_idle()
 
 
 class TrainWidget(Container):
@@ -139,19 +87,16 @@ class TrainWidget(Container):
                                      tooltip="\n".join(f"{k}: {v}" for k, v in AUGMENTATIONS.items()))
         self._advanced = [self.batch_size, self.patch_size, self.queries, self.lr, self.val_fraction, self.workers,
                           self.augmentation]
-        self.start_button, self.stop_button = PushButton(text="Start"), PushButton(text="Stop", enabled=False)
-        self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
-        self.stats, self.status = Label(value=""), Label(value="")
+        self.panel = JobPanel(unit="iterations", run_text="Start", cancel_text="Stop")
+        self.stats = Label(value="")
         super().__init__(widgets=[
             self.source, self.dataset, self.image, self.labels_layer, self.split_info, self.preset, self.epochs,
             self.iters, self.minutes, self.out, self.resume, self.device, self.advanced, *self._advanced,
-            self.start_button, self.stop_button, self.progress,
         ])
         self.plot = TrainingPlot()
-        for label in (self.stats, self.status):  # full width, and long messages wrap instead of widening the dock
-            label.native.setWordWrap(True)
-            self.native.layout().addWidget(label.native)
-        self.native.layout().addWidget(self.plot.canvas)
+        self.stats.native.setWordWrap(True)  # full width, and long text wraps instead of widening the dock
+        for native in (self.panel.native, self.stats.native, self.plot.canvas):
+            self.native.layout().addWidget(native)
 
         self.source.changed.connect(self._on_source)
         self.dataset.changed.connect(self._refresh_out)
@@ -160,11 +105,9 @@ class TrainWidget(Container):
         self.preset.changed.connect(lambda name: setattr(self.epochs, "value", PRESETS[name].epochs))
         self.out.changed.connect(lambda _: setattr(self, "_auto_out", False))  # the user picked a folder
         self.advanced.changed.connect(self._show_advanced)
-        self.start_button.changed.connect(self.start)
-        self.stop_button.changed.connect(self.stop)
+        self.panel.run_button.changed.connect(self.start)
+        self.panel.cancel_button.changed.connect(self.stop)
         on_close(self, self._closed)
-        for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
-            event.connect(self._reset_layers)
         self._show_advanced(False)
         self._on_source(FOLDER)
 
@@ -178,9 +121,9 @@ class TrainWidget(Container):
             return [(layer.name, layer) for layer in self._viewer.layers if type(layer).__name__ == kind]
         return choices
 
-    def _reset_layers(self, _event: Any = None) -> None:
-        self.image.reset_choices()
-        self.labels_layer.reset_choices()
+    def reset_choices(self, *_: Any) -> None:
+        """Refresh the layer pickers (napari calls this when layers change), then pick labels that fit."""
+        super().reset_choices()
         self._on_image(self.image.value)
 
     def _show_advanced(self, shown: bool) -> None:
@@ -225,7 +168,7 @@ class TrainWidget(Container):
     def _message(self, text: str, level: str = "info") -> None:
         from napari.utils import notifications
 
-        self.status.value = text
+        self.panel.status.value = text
         getattr(notifications, f"show_{level}")(text)
 
     def _out_folder(self, resume: bool) -> Path:
@@ -331,9 +274,7 @@ class TrainWidget(Container):
         self._total_epochs, self._iters_per_epoch = config.epochs or 1, config.iters_per_epoch or 1
         self._deadline = time.monotonic() + config.time_limit * 60 if config.time_limit else None
         self.plot.clear()
-        self.progress.value, self.stats.value = 0, ""
-        self._set_running(True)
-        self.status.value = f"starting: run folder {config.out}"
+        self.stats.value = ""
 
         def make(cancel_event: Any) -> Any:
             if data is not None:
@@ -343,6 +284,7 @@ class TrainWidget(Container):
             return (yield from self.trainer.run())
 
         self.job = run_job(make, "Training", on_yield=self._on_event, on_finish=self._on_finish)
+        self.panel.started(self.job, f"starting: run folder {config.out}")
         return self.job
 
     def stop(self) -> None:
@@ -353,44 +295,40 @@ class TrainWidget(Container):
         if self.trainer is not None and self._iterating and not self._stopping:
             self._stopping = True
             self.trainer.request_stop("stopped from the Train widget")
-            self.stop_button.text = "Abort (no checkpoint)"
-            self.status.value = "stopping: saving a checkpoint after this iteration"
+            self.panel.cancel_button.text = "Abort (no checkpoint)"
+            self.panel.status.value = "stopping: saving a checkpoint after this iteration"
         else:
-            self.status.value = "aborting"
+            self.panel.status.value = "aborting"
             self.job.cancel()
-
-    def _set_running(self, running: bool) -> None:
-        self.start_button.enabled, self.stop_button.enabled = not running, running
-        self.stop_button.text = "Stop"
 
     def _on_event(self, event: TrainEvent) -> None:
         n = self._iters_per_epoch
         self._total_epochs = event.epochs or self._total_epochs
         if event.kind == "epoch_start":
             self._iters_per_epoch = n = event.iterations or n
-            self.progress.max = self._total_epochs * n
-            self.progress.value = event.epoch * n + event.iteration
+            self.panel.progress.max = self._total_epochs * n
+            self.panel.progress.value = event.epoch * n + event.iteration
             self._epoch_started = time.monotonic()
-            self.status.value = f"epoch {event.epoch + 1}/{event.epochs}"
+            self.panel.status.value = f"epoch {event.epoch + 1}/{event.epochs}"
         elif event.kind == "iteration":
             self._iterating = True
             self._times.append(time.monotonic())
-            done = self.progress.value = event.epoch * n + event.iteration
+            done = self.panel.progress.value = event.epoch * n + event.iteration
             self.plot.add_iteration(event.epoch + event.iteration / n, event.loss)
             self.stats.value = f"loss {event.loss:.4f} · lr {event.lr:.2e}" + self._speed(done)
         elif event.kind == "validation":
-            self.status.value = (f"epoch {event.epoch}/{event.epochs}: validating, "
+            self.panel.status.value = (f"epoch {event.epoch}/{event.epochs}: validating, "
                                  f"{event.iteration}/{event.iterations} windows")
         elif event.kind == "epoch":
             from masksam_core.training.cli import epoch_line
 
             self._epoch_seconds.append(time.monotonic() - self._epoch_started)
             mean = sum(self._epoch_seconds[-5:]) / len(self._epoch_seconds[-5:])
-            self.status.value = epoch_line(event, mean * (event.epochs - event.epoch))
-            self.progress.value = event.epoch * n
+            self.panel.status.value = epoch_line(event, mean * (event.epochs - event.epoch))
+            self.panel.progress.value = event.epoch * n
             self.plot.add_epoch(event.epoch, event.loss, (event.metrics or {}).get("val_mean_dice"))
         if event.message and event.kind in ("setup", "stopped", "done"):
-            self.status.value = event.message
+            self.panel.status.value = event.message
 
     def _speed(self, done: int) -> str:
         """' · 2.31 it/s · ETA 4 min' from the last iterations and epochs (validation included), within the budget."""
@@ -415,7 +353,7 @@ class TrainWidget(Container):
         # a run stays in its folder (Start again needs 'resume' or another folder); after a failure
         # without a checkpoint a fresh automatic folder is taken next time
         self._auto_out = self._auto_out and not saved
-        self._set_running(False)
+        self.panel.set_running(False)
         self.plot.update(force=True)
         if saved:
             how = "stopped" if self._stopping or job.cancel_event.is_set() else "finished"

@@ -5,24 +5,21 @@ Every long job in ``masksam_core`` is a generator that yields progress and retur
 runs one in a napari thread worker (the viewer stays responsive; ``Job.cancel`` stops it at the
 next yield, and closes the generator there) or, with ``sync=True``, right here (tests and
 scripts). Errors reach the user as a napari notification carrying ``masksam_core``'s message;
-nothing is raised into Qt's event loop. :class:`JobPanel` is the Run / Cancel / progress part
-of the widgets.
+nothing is raised into Qt's event loop. The widgets' Run / Cancel / progress part is
+:class:`._job_widget.JobPanel`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Generator
 from typing import Any
 
-from magicgui.widgets import Container, Label, ProgressBar, PushButton
-
 from masksam_core.errors import MaskSAMError
 
-__all__ = ["Job", "JobPanel", "failed_job", "notify_error", "run_job"]
+__all__ = ["Job", "failed_job", "notify_error", "run_job"]
 
 log = logging.getLogger(__name__)
 
@@ -186,75 +183,9 @@ def run_job(make: Callable[[threading.Event], Generator[Any, None, Any]], what: 
 
     from napari.qt.threading import create_worker
 
-    # _ignore_errors: body() returns errors instead of raising them (see _drive)
-    worker = create_worker(body, _start_thread=False, _ignore_errors=True)
-    worker.yielded.connect(yielded)
-    worker.returned.connect(returned)
-    worker.finished.connect(finished)
-    job.worker = worker
-    worker.start()
+    # The worker's own yielded / returned / finished signals deliver to the GUI thread. Its errored and
+    # aborted are not used: body() returns errors instead of raising them (see _drive), hence
+    # _ignore_errors, and a cancel goes through job.cancel_event, which also closes the generator.
+    job.worker = create_worker(body, _connect={"yielded": yielded, "returned": returned, "finished": finished},
+                               _ignore_errors=True)  # with _connect, it starts at once
     return job
-
-
-def on_close(widget: Any, callback: Callable[[], None]) -> None:
-    """Call ``callback()`` when ``widget``'s Qt widget is destroyed (its dock or the viewer closed):
-    the widgets then stop or cancel their job instead of running on for nobody."""
-    destroyed = getattr(getattr(widget, "native", None), "destroyed", None)
-    if destroyed is not None:
-        destroyed.connect(lambda *_: callback())
-
-
-def _clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "--:--"
-    hours, rest = divmod(round(seconds), 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
-class JobPanel(Container):
-    """Run and Cancel buttons, a progress bar (``unit`` done of total) and a status line with the ETA.
-
-    The owning widget connects ``run_button`` and calls :meth:`started`, :meth:`show_progress`
-    (``run_job``'s ``on_yield``) and :meth:`finished` (``on_finish``); Cancel cancels ``job``.
-    """
-
-    def __init__(self, unit: str = "windows") -> None:
-        self.unit = unit
-        self.job: Job | None = None
-        self.run_button = PushButton(text="Run")
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.progress = ProgressBar(value=0, min=0, max=1, label="progress")
-        self.status = Label(value="")
-        buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False)
-        buttons.margins = (0, 0, 0, 0)
-        super().__init__(widgets=[buttons, self.progress, self.status], labels=False)
-        self.margins = (0, 0, 0, 0)
-        self.cancel_button.changed.connect(self.cancel)
-
-    def started(self, job: Job, text: str = "loading the model...") -> None:
-        self.job = job
-        self.progress.max, self.progress.value = 1, 0
-        self.status.value = text
-        self.run_button.enabled, self.cancel_button.enabled = not job.running, job.running
-
-    def show_progress(self, progress: Any) -> None:
-        """Show a ``Progress`` (done, total, seconds, eta)."""
-        total = max(int(progress.total), 1)
-        self.progress.max = total
-        self.progress.value = min(int(progress.done), total)
-        self.status.value = f"{progress.done}/{progress.total} {self.unit}, ETA {_clock(progress.eta)}"
-
-    def finished(self, job: Job) -> None:
-        self.run_button.enabled, self.cancel_button.enabled = True, False
-        if job.error is not None:
-            self.status.value = "failed (see the notification)"
-        elif job.cancelled:
-            self.status.value = "stopped"
-        else:
-            self.progress.value = self.progress.max
-            self.status.value = f"done in {job.seconds or 0.0:.1f} s"
-
-    def cancel(self) -> None:
-        if self.job is not None and self.job.running:
-            self.job.cancel()
-            self.status.value = "stopping..."

@@ -46,7 +46,7 @@ from ..errors import MaskSAMError
 from ..modeling.backbone import SamBackbone
 from .sliding_window import Progress, run as run_generator, sliding_window
 
-__all__ = ["BASE_MODELS", "BoxPrompter", "SliceFrame", "add_cli", "check_boxes", "zero_shot_logits"]
+__all__ = ["BASE_MODELS", "BoxPrompter", "SliceFrame", "add_cli", "check_boxes"]
 
 BASE_MODELS = ("lite", "vit_b", "vit_l", "vit_h")
 PERCENTILES = (0.5, 99.5)
@@ -95,24 +95,6 @@ class SliceFrame:
         up = F.interpolate(low[None].float(), size=(self.size, self.size), mode="bilinear", align_corners=False)
         up = up[..., :nh, :nw]
         return F.interpolate(up, size=(self.height, self.width), mode="bilinear", align_corners=False)[0]
-
-
-@torch.no_grad()
-def zero_shot_logits(sam: SamBackbone, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """The frozen SAM on slices with box prompts, as ``MaskSAM.zero_shot``.
-
-    images (N, 3, S, S) normalised; boxes (N, K, 4) SAM pixels (x0, y0, x1, y1) -> low-resolution
-    logits (N, K, 4h, 4h) of mask token 0.
-    """
-    embeddings = sam.image_encoder(images)
-    pe = sam.prompt_encoder.get_dense_pe()
-    out = []
-    for emb, slice_boxes in zip(embeddings, boxes):
-        sparse, dense = sam.prompt_encoder(points=None, boxes=slice_boxes, masks=None)
-        masks, _ = sam.mask_decoder(image_embeddings=emb[None], image_pe=pe, sparse_prompt_embeddings=sparse,
-                                    dense_prompt_embeddings=dense, multimask_output=False)
-        out.append(masks[:, 0])
-    return torch.stack(out)
 
 
 def check_boxes(boxes: Sequence[Sequence[int]], shape: Sequence[int]) -> list[tuple[int, ...]]:
@@ -199,7 +181,7 @@ class BoxPrompter:
         """Zero-shot engine: images (N, 3, S, S), boxes (N, K, 4) -> low-res logits (N, K, L, L)."""
         assert self.sam is not None
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            return zero_shot_logits(self.sam, images, boxes).float()
+            return self.sam.zero_shot(images, boxes).float()
 
     def segment(self, volume: np.ndarray, boxes: Sequence[Sequence[int]], *,
                 spacing: Sequence[float] | None = None) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
@@ -77,6 +78,31 @@ class SamBackbone(nn.Module):
     @property
     def prompt_dim(self) -> int:
         return self.prompt_encoder.embed_dim
+
+    @torch.no_grad()
+    def zero_shot(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """The base model with box prompts on single slices (SAM's own inference, no adapters).
+
+        images (N, 3, S, S), already normalised as the backbone expects (``pixel_mean``/``pixel_std``);
+        boxes (N, K, 4) in pixels of S (x0, y0, x1, y1) → low-resolution mask logits (N, K, 4h, 4h) of
+        mask token 0 (``multimask_output=False``). Each slice is encoded once and decoded for its K
+        boxes, so the result is exactly what segment-anything's modules return for it. This is the one
+        zero-shot path: ``MaskSAM.zero_shot`` and the box prompter both call it.
+        """
+        embeddings = self.image_encoder(images)
+        pe = self.prompt_encoder.get_dense_pe()
+        out = []
+        for emb, slice_boxes in zip(embeddings, boxes):
+            sparse, dense = self.prompt_encoder(points=None, boxes=slice_boxes, masks=None)
+            masks, _ = self.mask_decoder(
+                image_embeddings=emb[None],
+                image_pe=pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            out.append(masks[:, 0])
+        return torch.stack(out)
 
 
 def build_prompt_and_decoder(

@@ -254,31 +254,15 @@ class MaskSAM(nn.Module):
         out = self(x, prompts, query_chunk=query_chunk)
         return semantic_scores(out["pred_logits"], out["pred_masks"])
 
-    @torch.no_grad()
     def zero_shot(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """Base SAM with every adapter off: box prompts on single slices.
 
         images (N, 3, S, S), already normalised as the backbone expects;
         boxes (N, K, 4) in pixels of S (x0, y0, x1, y1) → low-resolution mask
-        logits (N, K, 4h, 4h) of mask token 0 (``multimask_output=False``).
-        This runs the frozen SAM modules themselves, one slice at a time, so it
-        returns exactly what the base model returns.
+        logits (N, K, 4h, 4h) of mask token 0. This is :meth:`SamBackbone.zero_shot`
+        on the frozen ``self.sam``, so it returns exactly what the base model returns.
         """
-        sam = self.sam
-        embeddings = sam.image_encoder(images)
-        pe = sam.prompt_encoder.get_dense_pe()
-        out = []
-        for emb, slice_boxes in zip(embeddings, boxes):
-            sparse, dense = sam.prompt_encoder(points=None, boxes=slice_boxes, masks=None)
-            masks, _ = sam.mask_decoder(
-                image_embeddings=emb[None],
-                image_pe=pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-            out.append(masks[:, 0])
-        return torch.stack(out)
+        return self.sam.zero_shot(images, boxes)
 
 
 def gt_prompts(labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:

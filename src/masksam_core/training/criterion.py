@@ -27,9 +27,10 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import generalized_box_iou_loss
 
 from ..modeling.heads import order_box
-from .matcher import HungarianMatcher, Match, generalized_box_iou
+from .matcher import HungarianMatcher, Match
 from .targets import (
     TargetError,
     gather_slice_masks,
@@ -110,8 +111,11 @@ def box_l1_loss(boxes: torch.Tensor, targets: torch.Tensor, num_masks: float | t
 
 
 def giou_loss(boxes: torch.Tensor, targets: torch.Tensor, num_masks: float | torch.Tensor) -> torch.Tensor:
-    """Sum of 1 - GIoU over box pairs / ``num_masks``: ordered (M, 4), (M, 4) → scalar."""
-    return (1 - generalized_box_iou(boxes.float(), targets.float())).sum() / num_masks
+    """Sum of 1 - GIoU over box pairs / ``num_masks``: ordered (M, 4), (M, 4) → scalar.
+
+    torchvision's ``generalized_box_iou_loss``, whose eps = 1e-7 keeps zero-area pairs finite.
+    """
+    return generalized_box_iou_loss(boxes.float(), targets.float(), reduction="sum") / num_masks
 
 
 # ---------------------------------------------------------------------------- the criterion

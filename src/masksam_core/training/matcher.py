@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from torchvision.ops import generalized_box_iou_loss
 
 from ..errors import MaskSAMError
 from ..modeling.heads import order_box
@@ -64,27 +65,18 @@ def box_l1_cost(boxes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.cdist(boxes.float(), targets.float(), p=1)
 
 
-def generalized_box_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """GIoU of boxes a (..., 4) and b (..., 4) (x0, y0, x1, y1, ordered; broadcast) → (...).
-
-    GIoU = IoU - |E \\ (A ∪ B)| / |E| with E the smallest box enclosing both;
-    ``eps`` keeps degenerate (zero-area) pairs finite.
-    """
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    iw = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
-    ih = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
-    inter = iw * ih
-    union = area_a + area_b - inter
-    ew = torch.maximum(a[..., 2], b[..., 2]) - torch.minimum(a[..., 0], b[..., 0])
-    eh = torch.maximum(a[..., 3], b[..., 3]) - torch.minimum(a[..., 1], b[..., 1])
-    enclosing = ew * eh
-    return inter / (union + eps) - (enclosing - union) / (enclosing + eps)
-
-
 def giou_cost(boxes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """1 - GIoU of every pair: boxes (N, 4), targets (M, 4), ordered corners → (N, M)."""
-    return 1 - generalized_box_iou(boxes.float()[:, None], targets.float()[None, :])
+    """1 - GIoU of every pair: boxes (N, 4), targets (M, 4), ordered corners (x0, y0, x1, y1) → (N, M).
+
+    torchvision's ``generalized_box_iou_loss`` on all N x M pairs, not its pairwise
+    ``generalized_box_iou``: the latter divides by the union and the enclosing area without an
+    epsilon, so a pair of zero-area boxes (a prediction collapsed to a line or a point) costs NaN,
+    and a NaN cost stops the matching. The loss adds eps = 1e-7 to both, as the criterion's GIoU loss
+    does, so matching and loss score every pair alike.
+    """
+    n, m = boxes.shape[0], targets.shape[0]
+    pairs = boxes.float()[:, None].expand(n, m, 4), targets.float()[None, :].expand(n, m, 4)
+    return generalized_box_iou_loss(*pairs)
 
 
 def solve(cost: torch.Tensor) -> Match:
