@@ -21,6 +21,7 @@ from typing import Any
 from magicgui.widgets import Container, Label, ProgressBar, PushButton
 
 from masksam_core.errors import MaskSAMError
+from masksam_core.progress import drive, relay
 
 __all__ = ["Job", "JobPanel", "failed_job", "notify_error", "run_job"]
 
@@ -100,17 +101,9 @@ def _drive(gen: Generator[Any, None, Any], cancel: threading.Event) -> Generator
     RuntimeError (torch's usual error) without even emitting ``finished``.
     """
     try:
-        while not cancel.is_set():
-            try:
-                item = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            yield item
-        return None
+        return (yield from relay(gen, cancel=cancel.is_set))
     except Exception as error:  # noqa: BLE001 - every error becomes a notification
         return _Failed(error)
-    finally:
-        gen.close()
 
 
 def run_job(make: Callable[[threading.Event], Generator[Any, None, Any]], what: str, *,
@@ -173,14 +166,7 @@ def run_job(make: Callable[[threading.Event], Generator[Any, None, Any]], what: 
         return (yield from _drive(gen, job.cancel_event))
 
     if sync:
-        gen = body()
-        while True:
-            try:
-                item = next(gen)
-            except StopIteration as stop:
-                returned(stop.value)
-                break
-            yielded(item)
+        returned(drive(body(), yielded))
         finished()
         return job
 
