@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import atomic_path
 from ..progress import drive, relay
 
 
@@ -147,7 +148,8 @@ def write_curves(metrics_path: Path, png_path: Path) -> None:
     if dice:
         ax_dice.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(png_path)
+    try:
+        with atomic_path(png_path) as tmp:
+            fig.savefig(tmp, dpi=90)
+    finally:
+        plt.close(fig)

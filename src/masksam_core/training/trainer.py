@@ -14,7 +14,6 @@ DistributedDataParallel.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Generator
@@ -27,7 +26,7 @@ import torch
 
 from ..devices import autocast_dtype, available_devices, compile_errors, reuse_freed_memory
 from ..errors import MaskSAMError, check_output_folder
-from ..files import atomic_save
+from ..files import atomic_save, atomic_write_json
 from ..modeling import build_model, gt_prompts
 from ..modeling.presets import get_preset, slice_size
 from ..progress import relay
@@ -200,7 +199,7 @@ class Trainer:
             start_epoch, start_iter, best, partial = self._resume(saved, rank, world)
         elif dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2, default=str))
+            atomic_write_json(self.out / "config.json", dataclasses.asdict(c), newline=False, default=str)
             ckpt_io.write_metrics(self.out / "metrics.jsonl", [])  # no lines left from a run that never saved
         yield TrainEvent("setup", epoch=start_epoch, epochs=self.epochs,
                          message=f"{len(data.train_cases)} training and {len(data.val_volumes)} validation volumes; "
