@@ -68,9 +68,10 @@ def write_run(preset: str, folder: Path, spacing: tuple[float, float, float],
     """A run folder like ``masksam-core train`` writes, for a random model of ``preset``: its trainable
     weights, its random base SAM weights (stored in the checkpoint, as for ``tiny`` runs) and plans
     whose target spacing is ``spacing``. The model is initialised on ``build_device`` (fast on a GPU)."""
+    from masksam_core.files import atomic_save
     from masksam_core.modeling import build_model
     from masksam_core.modeling.presets import get_preset
-    from masksam_core.training.checkpoint import FORMAT, atomic_save
+    from masksam_core.training.checkpoint import FORMAT
 
     p = get_preset(preset)
     names = ["background"] + [f"class{i}" for i in range(1, p.num_classes)]

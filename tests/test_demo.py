@@ -117,8 +117,9 @@ def test_bundled_model_finds_liver_and_spleen_where_the_untrained_model_does_not
     # the held-out slab: the last 10% of the slices (101-111), which training never saw
     crop, truth = image[101:], np.asarray(truth[101:])
 
+    from masksam_core.files import atomic_save
     from masksam_core.modeling import build_model
-    from masksam_core.training.checkpoint import atomic_save, load_checkpoint
+    from masksam_core.training.checkpoint import load_checkpoint
 
     untrained = load_checkpoint(models.find_model("abdomen-ct-lite"))
     build = untrained["build"]

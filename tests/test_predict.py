@@ -24,8 +24,9 @@ import pytest
 import torch
 
 from masksam_core.cli import main
+from masksam_core.devices import distributed_env
 from masksam_core.errors import MaskSAMError
-from masksam_core.inference.predict_cli import Case, cases_for_rank, distributed_env, find_cases
+from masksam_core.inference.predict_cli import Case, cases_for_rank, find_cases
 from masksam_core.inference.predictor import CPU_QUERY_CHUNK, Cancelled, Predictor, accumulation_device
 
 from runs import make_plans, write_tiny_run

@@ -10,10 +10,10 @@ from masksam_core.data.loader import PatchSampler
 from masksam_core.inference.sliding_window import (
     gaussian_importance,
     mirror_sets,
-    run,
     sliding_window,
     window_starts,
 )
+from masksam_core.progress import drive
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,7 @@ from masksam_core.inference.sliding_window import (
 def test_double_predictor_stitches_to_double_input(shape, patch, mirror):
     torch.manual_seed(0)
     volume = torch.randn(2, *shape)
-    out = run(sliding_window(volume, lambda x: 2 * x, patch, batch_size=3, mirror_axes=mirror))
+    out = drive(sliding_window(volume, lambda x: 2 * x, patch, batch_size=3, mirror_axes=mirror))
     assert out.shape == volume.shape
     torch.testing.assert_close(out, 2 * volume, rtol=1e-5, atol=1e-5)
 
@@ -44,7 +44,7 @@ def test_short_volume_sits_in_the_window_where_training_patches_put_it():
         seen.append(x.clone())
         return x
 
-    out = run(sliding_window(volume, predictor, (4, 16, 16)))
+    out = drive(sliding_window(volume, predictor, (4, 16, 16)))
     labels = np.zeros((3, 10, 7), np.int16)
     image, _ = PatchSampler((4, 16, 16)).sample(volume.numpy(), labels, np.random.default_rng(0))
     assert len(seen) == 1
@@ -56,8 +56,8 @@ def test_flip_equivariant_predictor_returns_its_own_output():
     # a per-voxel function commutes with flips: TTA must give the same as no TTA
     volume = torch.randn(1, 9, 20, 21)
     f = lambda x: torch.cat([x.sigmoid(), x.tanh()], dim=1)  # noqa: E731
-    plain = run(sliding_window(volume, f, (4, 8, 8)))
-    tta = run(sliding_window(volume, f, (4, 8, 8), mirror_axes=(0, 1, 2)))
+    plain = drive(sliding_window(volume, f, (4, 8, 8)))
+    tta = drive(sliding_window(volume, f, (4, 8, 8), mirror_axes=(0, 1, 2)))
     torch.testing.assert_close(tta, plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(plain, f(volume[None])[0], rtol=1e-5, atol=1e-6)
 
@@ -79,7 +79,7 @@ def test_progress_counts_windows_and_mirrors_counted_once():
 
     gen = sliding_window(torch.zeros(1, 8, 32, 32), predictor, (4, 16, 16), batch_size=2, mirror_axes=(1, 2))
     progress = []
-    run(gen, progress.append)
+    drive(gen, progress.append)
     # windows: z starts [0, 2, 4], y/x starts [0, 8, 16] each -> 27 windows, 14 batches
     assert progress[-1].done == progress[-1].total == 27
     assert [p.done for p in progress] == sorted(p.done for p in progress)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,9 @@ from typing import Any
 import numpy as np
 
 from .errors import MaskSAMError, check_output_folder
+from .files import atomic_path, atomic_write_text
+from .io import CT_WINDOW
+from .progress import drive
 
 __all__ = ["DEMO_MODEL", "OUTPUTS", "demo_iter", "montage", "run_demo", "sample_paths"]
 
@@ -75,7 +77,7 @@ def _display_views(image: np.ndarray, labels: np.ndarray, affine: np.ndarray
 
 def montage(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float], class_names: list[str],
             path: str | os.PathLike, *, affine: np.ndarray | None = None, title: str = "",
-            window: tuple[float, float] = (-160.0, 240.0)) -> Path:
+            window: tuple[float, float] = CT_WINDOW) -> Path:
     """Save a PNG of axial, coronal and sagittal views of ``image`` (Z, Y, X) with ``labels`` over it.
 
     Views pass through the centre of the labelled voxels in radiological display (patient right on
@@ -113,14 +115,11 @@ def montage(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, 
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -229,9 +228,7 @@ def demo_iter(out: str | os.PathLike, *, model: str | os.PathLike = DEMO_MODEL, 
         held = case_scores(prediction.labels[part], truth[part], geometry.spacing, class_ids=ids)
     csv, md = _dice_table(scores, table_names, held, slab, _sample_note(model, predictor.training_config, slab))
     for name, text in ((OUTPUTS[3], csv), (OUTPUTS[4], md)):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, text)
     return {"outputs": {name: out / name for name in OUTPUTS},
             "dice": {table_names[c]: s["dice"] for c, s in scores.items()},
             "dice_held_out": None if held is None else {table_names[c]: s["dice"] for c, s in held.items()},
@@ -240,12 +237,7 @@ def demo_iter(out: str | os.PathLike, *, model: str | os.PathLike = DEMO_MODEL, 
 
 def run_demo(out: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
     """:func:`demo_iter` without progress (for scripts and tests)."""
-    gen = demo_iter(out, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return drive(demo_iter(out, **kwargs))
 
 
 def _cli_demo(args: argparse.Namespace) -> int:
@@ -254,15 +246,11 @@ def _cli_demo(args: argparse.Namespace) -> int:
     gen = demo_iter(args.out, model=args.model, device=args.device, tta=args.tta, step_size=args.step_size,
                     overwrite=args.overwrite, base_checkpoint=args.base_checkpoint, amp=args.amp)
     with tqdm(desc="demo: segmenting the sample CT", unit="window", dynamic_ncols=True) as bar:
-        while True:
-            try:
-                progress = next(gen)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            bar.total = progress.total
-            bar.n = progress.done
+        def show(progress: Any) -> None:
+            bar.total, bar.n = progress.total, progress.done
             bar.refresh()
+
+        result = drive(gen, show)
     print(result["table"])
     for name, path in result["outputs"].items():
         print(f"wrote {path}")

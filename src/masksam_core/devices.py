@@ -1,9 +1,11 @@
-"""Choosing the compute device (``auto`` = CUDA, then Apple MPS, then CPU) and tuning it."""
+"""Choosing the compute device (``auto`` = CUDA, then Apple MPS, then CPU) and tuning it; which process
+of a ``torchrun`` launch this is (:func:`distributed_env`)."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -17,6 +19,20 @@ DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 AMP_HELP = ("mixed precision: auto = bf16 on CUDA GPUs and on CPUs with native bf16 (AVX512-BF16 or AMX; "
             "about 1.5x faster there, probabilities within about 1e-2 of fp32), fp32 elsewhere")
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
+    (0, 1, 0) when not set (one process). The local rank defaults to the rank (one machine)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise MaskSAMError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise MaskSAMError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent: need 0 <= RANK < WORLD_SIZE")
+    return rank, world, local
 
 
 def available_devices() -> list[str]:

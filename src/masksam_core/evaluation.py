@@ -23,7 +23,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import MaskSAMError
-from .io import (NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageGeometry, classes_sidecar, compare_geometry,
-                 read_image)
+from .files import atomic_write_text, is_image_name, split_suffix
+from .io import ImageGeometry, classes_sidecar, compare_geometry, read_classes_sidecar, read_image
 
 __all__ = ["EMPTY_RULE", "add_cli", "case_scores", "dice", "evaluate_folders", "hd95",
            "image_diagonal", "load_class_names", "surface_distances"]
@@ -179,10 +178,9 @@ def _list_cases(folder: Path, what: str) -> dict[str, Path]:
         raise MaskSAMError(f"{folder}: {what} folder not found; give a folder of label files")
     cases: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        suffix = next((x for x in NIFTI_SUFFIXES + TIFF_SUFFIXES if path.name.lower().endswith(x)), "")
-        if not suffix or path.name.startswith(".") or not path.is_file():
+        if not is_image_name(path) or path.name.startswith(".") or not path.is_file():
             continue
-        if (case := path.name[: -len(suffix)]) in cases:
+        if (case := split_suffix(path)[0]) in cases:
             raise MaskSAMError(f"{folder}: case {case} has two files ({cases[case].name}, {path.name}); "
                                "keep one")
         cases[case] = path
@@ -207,13 +205,13 @@ def load_class_names(dataset_json: str | os.PathLike) -> dict[int, str]:
 def _sidecar_names(predictions: dict[str, Path]) -> dict[int, str] | None:
     """Class names from the first prediction's ``.classes.json`` sidecar, or None."""
     for path in predictions.values():
-        sidecar = classes_sidecar(path)
-        if sidecar.is_file():
-            try:
-                return {int(k): str(v) for k, v in json.loads(sidecar.read_text(encoding="utf-8")).items()}
-            except (ValueError, TypeError, AttributeError) as error:
-                raise MaskSAMError(f"{sidecar}: expected {{\"1\": \"liver\", ...}} ({error}); fix or "
-                                   "delete it, or pass --dataset-json") from error
+        try:
+            names = read_classes_sidecar(path)
+        except ValueError as error:
+            raise MaskSAMError(f"{classes_sidecar(path)}: expected {{\"1\": \"liver\", ...}} ({error}); fix or "
+                               "delete it, or pass --dataset-json") from error
+        if names is not None:
+            return names
     return None
 
 
@@ -312,19 +310,11 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *,
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it onto ``path``."""
-    tmp: str | None = None
+    """Write ``text`` to ``path`` atomically, as a clear error when the folder is not writable."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     except OSError as error:
         raise MaskSAMError(f"{path}: cannot write ({error}); check the folder is writable") from error
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def summary_csv(summary: dict[str, Any]) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,13 +37,13 @@ import numpy as np
 import tifffile
 
 from .errors import MaskSAMError
+from .files import IMAGE_SUFFIXES, NIFTI_SUFFIXES, TIFF_SUFFIXES, atomic_path, split_suffix
 from .io_tiff import tiff_spacing
 
-__all__ = ["ImageGeometry", "classes_sidecar", "compare_geometry", "image_format", "read_geometry",
-           "read_image", "spacing_sidecar", "write_image", "write_labels"]
+__all__ = ["CT_WINDOW", "ImageGeometry", "classes_sidecar", "compare_geometry", "image_format",
+           "read_classes_sidecar", "read_geometry", "read_image", "spacing_sidecar", "write_image", "write_labels"]
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-TIFF_SUFFIXES = (".tif", ".tiff")
+CT_WINDOW = (-160.0, 240.0)  # how CT is shown (napari, the demo montage): soft tissue, level 40 HU, width 400 HU
 SUPPORTED = "NIfTI (.nii, .nii.gz), 3D TIFF (.tif, .tiff) or DICOM (.dcm, or a series folder)"
 
 
@@ -100,15 +99,6 @@ def image_format(path: str | os.PathLike) -> str:
     raise MaskSAMError(f"{path}: unsupported file type; give a {SUPPORTED} file")
 
 
-def _split_suffix(path: Path) -> tuple[str, str]:
-    """(stem, suffix) where suffix is the full image suffix (``.nii.gz`` counts as one)."""
-    name = path.name
-    for suffix in NIFTI_SUFFIXES + TIFF_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)], name[-len(suffix):]
-    return path.stem, path.suffix
-
-
 def spacing_sidecar(path: str | os.PathLike) -> Path:
     """The spacing sidecar written next to a TIFF: ``scan.tif`` -> ``scan.tif.json``."""
     path = Path(path)
@@ -118,7 +108,19 @@ def spacing_sidecar(path: str | os.PathLike) -> Path:
 def classes_sidecar(path: str | os.PathLike) -> Path:
     """The class-names sidecar of a label file: ``seg.nii.gz`` -> ``seg.classes.json``."""
     path = Path(path)
-    return path.with_name(_split_suffix(path)[0] + ".classes.json")
+    return path.with_name(split_suffix(path)[0] + ".classes.json")
+
+
+def read_classes_sidecar(path: str | os.PathLike) -> dict[int, str] | None:
+    """Class id -> name from the ``.classes.json`` sidecar of label file ``path``, None without one;
+    OSError when it cannot be read, ValueError when it is not ``{"1": "liver", ...}``."""
+    sidecar = classes_sidecar(path)
+    if not sidecar.is_file():
+        return None
+    try:
+        return {int(k): str(v) for k, v in json.loads(sidecar.read_text(encoding="utf-8")).items()}
+    except (TypeError, AttributeError) as error:
+        raise ValueError(str(error)) from error
 
 
 # --------------------------------------------------------------------------- reading
@@ -186,7 +188,7 @@ def _tiff(path: Path, load: bool) -> tuple[np.ndarray | None, ImageGeometry]:
                 warnings.warn(f"{path}: the file calls its {series.shape[0]} planes channels (axes {series.axes}); "
                               "reading them as Z slices. Save the stack with axes ZYX to say so", stacklevel=3)
             spacing = tiff_spacing(path, tif, (spacing_sidecar(path),
-                                               path.with_name(_split_suffix(path)[0] + ".json")))
+                                               path.with_name(split_suffix(path)[0] + ".json")))
             data = np.ascontiguousarray(series.asarray()) if load else None
     except MaskSAMError:
         raise
@@ -264,7 +266,7 @@ def compare_geometry(a: ImageGeometry, b: ImageGeometry, *, spacing_rtol: float 
 
 
 def _output_format(path: Path) -> str:
-    if not path.name.lower().endswith(NIFTI_SUFFIXES + TIFF_SUFFIXES):
+    if not path.name.lower().endswith(IMAGE_SUFFIXES):
         raise MaskSAMError(f"{path}: cannot write this file type; name it .nii.gz, .nii, .tif or .tiff")
     return image_format(path)
 
@@ -278,22 +280,16 @@ def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp)`` on a temporary file next to ``path``, then rename it onto ``path``."""
-    stem, suffix = _split_suffix(path)
-    tmp = path.with_name(f".{stem}.{secrets.token_hex(4)}.tmp{suffix}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            write(tmp)
     except OSError as error:
         raise MaskSAMError(f"{path}: cannot write ({error}); check the folder exists, is writable "
                            "and has free space") from error
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n"))
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8"))
 
 
 def _save_nifti(tmp: Path, data_zyx: np.ndarray, geometry: ImageGeometry, intent: str) -> None:
@@ -379,8 +375,8 @@ def check_classes_sidecar(path: Path, names: dict[str, str]) -> None:
     """Refuse to rewrite the class names of another label file that shares ``path``'s stem
     (``seg.nii.gz`` and ``seg.tif`` both use ``seg.classes.json``) with different names."""
     sidecar = classes_sidecar(path)
-    stem = _split_suffix(path)[0]
-    others = [path.with_name(stem + suffix) for suffix in NIFTI_SUFFIXES + TIFF_SUFFIXES]
+    stem = split_suffix(path)[0]
+    others = [path.with_name(stem + suffix) for suffix in IMAGE_SUFFIXES]
     others = [o for o in others if o.name != path.name and o.exists()]
     if not others or not sidecar.is_file():
         return
@@ -391,7 +387,7 @@ def check_classes_sidecar(path: Path, names: dict[str, str]) -> None:
     if current != names:
         raise MaskSAMError(f"{sidecar.name} holds the class names of {others[0].name}, which differ from these "
                            f"labels'; writing {path.name} would rename its classes: save it under another name "
-                           f"(e.g. {stem}_2{_split_suffix(path)[1]})")
+                           f"(e.g. {stem}_2{split_suffix(path)[1]})")
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray, geometry: ImageGeometry, *,

@@ -10,7 +10,6 @@ renumbered to consecutive 0..C-1 (the classes present, names kept). The trainer 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from masksam_core.errors import MaskSAMError
+from masksam_core.files import atomic_write_json
 from masksam_core.io import ImageGeometry, write_image, write_labels
 
 from ._layers import class_names_of, looks_like_ct, volume_of
@@ -169,9 +169,7 @@ def write_dataset(data: LayersData, out_dir: str | os.PathLike, *, case: str = "
         "numTraining": 1, "file_ending": FILE_ENDING,
         "description": f"exported from the napari layers of {data.name!r} by napari-masksam",
     }
-    tmp = root / ".dataset.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, root / "dataset.json")
+    atomic_write_json(root / "dataset.json", meta)
     return root
 
 

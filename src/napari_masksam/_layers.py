@@ -24,14 +24,12 @@ from typing import Any
 import numpy as np
 
 from masksam_core.errors import MaskSAMError
-from masksam_core.io import ImageGeometry
+from masksam_core.io import CT_WINDOW, ImageGeometry
 
 __all__ = ["GEOMETRY_KEY", "class_names_of", "contrast_limits", "geometry_from_meta", "geometry_of",
            "image_layer_kwargs", "labels_layer_kwargs", "scan_translate", "show_labels", "volume_of"]
 
 GEOMETRY_KEY = "masksam"
-
-CT_WINDOW = (-160.0, 240.0)  # soft-tissue window: level 40 HU, width 400 HU
 
 
 def _percentiles(array: np.ndarray) -> tuple[float, float] | None:

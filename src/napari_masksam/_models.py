@@ -24,6 +24,7 @@ from typing import Any
 from magicgui.widgets import ComboBox, Container, FileEdit
 from psygnal import Signal
 
+from masksam_core.files import atomic_write_json
 from masksam_core.weights import cache_dir
 
 __all__ = ["RUNS_FILE_NAME", "ModelPicker", "add_run", "box_model_choices", "bundled_models", "checkpoint_of",
@@ -69,10 +70,7 @@ def add_run(path: str | os.PathLike) -> None:
     _session[:] = [entry] + [e for e in _session if e != entry]
     file = runs_file()
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries[:MAX_RUNS], indent=1))
-        os.replace(tmp, file)
+        atomic_write_json(file, entries[:MAX_RUNS], indent=1, newline=False)
     except OSError:
         pass  # a read-only cache only costs the memory of this list across sessions
     runs_changed.emit()

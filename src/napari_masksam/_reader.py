@@ -17,7 +17,6 @@ layer with ``features`` (``index``, ``name``) and the same geometry metadata.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from masksam_core.errors import MaskSAMError
-from masksam_core.io import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageGeometry, classes_sidecar, read_geometry, read_image
+from masksam_core.files import NIFTI_SUFFIXES, TIFF_SUFFIXES, is_image_name, split_suffix
+from masksam_core.io import ImageGeometry, classes_sidecar, read_classes_sidecar, read_geometry, read_image
 
 from ._layers import GEOMETRY_KEY, image_layer_kwargs, scan_translate
 
@@ -175,31 +175,26 @@ def layer_name(path: str | os.PathLike) -> str:
     """Layer name for ``path``: the file name without its image suffix; a DICOM file or folder
     gives the folder's name."""
     path = Path(path)
-    name = path.name
     if path.is_dir():
         return path.resolve().name or str(path)
-    if name.lower().endswith(".dcm"):
+    if path.name.lower().endswith(".dcm"):
         return path.resolve().parent.name or path.stem
-    for suffix in NIFTI_SUFFIXES + TIFF_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return split_suffix(path)[0] if is_image_name(path) else path.stem
 
 
 def _sidecar_names(path: Path, labels: np.ndarray) -> list[str] | None:
     """Class names (row i = label i) from ``path``'s ``.classes.json`` sidecar, or None without one."""
     if path.is_dir() or path.name.lower().endswith(".dcm"):
         return None
-    sidecar = classes_sidecar(path)
-    if not sidecar.is_file():
-        return None
-    high = int(labels.max()) if labels.size else 0
     try:
-        table = {int(k): str(v) for k, v in json.loads(sidecar.read_text(encoding="utf-8")).items()}
-    except (OSError, ValueError, AttributeError) as error:
-        warnings.warn(f"{sidecar}: cannot read the class names ({error}); using class_1, class_2, ... "
+        table = read_classes_sidecar(path)
+    except (OSError, ValueError) as error:
+        warnings.warn(f"{classes_sidecar(path)}: cannot read the class names ({error}); using class_1, class_2, ... "
                       'Fix it to {"0": "background", "1": "liver", ...} or delete it', stacklevel=3)
         table = {}
+    if table is None:
+        return None
+    high = int(labels.max()) if labels.size else 0
     n = max([high, *table]) + 1 if table else high + 1
     return [table.get(i, "background" if i == 0 else f"class_{i}") for i in range(n)]
 

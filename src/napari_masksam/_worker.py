@@ -18,6 +18,7 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from masksam_core.errors import MaskSAMError
+from masksam_core.progress import drive, relay
 
 __all__ = ["Job", "failed_job", "notify_error", "run_job"]
 
@@ -97,17 +98,9 @@ def _drive(gen: Generator[Any, None, Any], cancel: threading.Event) -> Generator
     RuntimeError (torch's usual error) without even emitting ``finished``.
     """
     try:
-        while not cancel.is_set():
-            try:
-                item = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            yield item
-        return None
+        return (yield from relay(gen, cancel=cancel.is_set))
     except Exception as error:  # noqa: BLE001 - every error becomes a notification
         return _Failed(error)
-    finally:
-        gen.close()
 
 
 def run_job(make: Callable[[threading.Event], Generator[Any, None, Any]], what: str, *,
@@ -170,14 +163,7 @@ def run_job(make: Callable[[threading.Event], Generator[Any, None, Any]], what: 
         return (yield from _drive(gen, job.cancel_event))
 
     if sync:
-        gen = body()
-        while True:
-            try:
-                item = next(gen)
-            except StopIteration as stop:
-                returned(stop.value)
-                break
-            yielded(item)
+        returned(drive(body(), yielded))
         finished()
         return job
 

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from masksam_core.errors import MaskSAMError
-from masksam_core.io import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageGeometry
+from masksam_core.files import is_image_name
+from masksam_core.io import ImageGeometry
 from masksam_core.io import write_labels as write_label_file
 
 from ._layers import GEOMETRY_KEY, class_names_of, geometry_from_meta
@@ -84,7 +85,7 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     the user to confirm. Each file is written to a temporary name and renamed (atomic).
     Raises MaskSAMError for another extension, non-3D data or invalid label values.
     """
-    if not os.fspath(path).lower().endswith(NIFTI_SUFFIXES + TIFF_SUFFIXES):
+    if not is_image_name(os.fspath(path)):
         raise MaskSAMError(f"{path}: MaskSAM saves labels as NIfTI (.nii.gz, .nii) or TIFF (.tif, .tiff); "
                            "choose one of these extensions")
     meta = dict(meta or {})

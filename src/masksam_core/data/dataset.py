@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import MaskSAMError
-from ..io import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageGeometry, compare_geometry, read_geometry, read_image
+from ..files import IMAGE_SUFFIXES
+from ..io import ImageGeometry, compare_geometry, read_geometry, read_image
 
 __all__ = ["Case", "DatasetError", "DatasetSpec", "Problem", "add_cli", "check_dataset",
            "load_checked_dataset", "load_dataset"]
@@ -128,7 +129,7 @@ def _parse_json(root: Path) -> tuple[dict[str, Any] | None, list[Problem]]:
         problems.append(Problem(path, "labels must map each class name to one integer, e.g. "
                                       f"{{\"background\": 0, \"liver\": 1}} (region lists are not "
                                       f"supported); got {labels!r}"))
-    if not isinstance(ending, str) or ending.lower() not in NIFTI_SUFFIXES + TIFF_SUFFIXES:
+    if not isinstance(ending, str) or ending.lower() not in IMAGE_SUFFIXES:
         problems.append(Problem(path, f"file_ending {ending!r} is not supported; use \".nii.gz\", "
                                       "\".nii\", \".tif\" or \".tiff\" (convert the files first)"))
     if problems:

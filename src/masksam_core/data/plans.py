@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MaskSAMError
+from ..files import atomic_write_json
 
 PLANS_VERSION = 1
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD
@@ -268,21 +268,9 @@ def make_plans(spec: Any, fingerprint: dict[str, Any], preset: str, *, in_channe
 # --------------------------------------------------------------------------- files
 
 
-def write_json_atomic(data: Any, path: str | Path) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_plans(plans: dict, path: str | Path) -> None:
     """Save plans as JSON, atomically."""
-    write_json_atomic(plans, path)
+    atomic_write_json(path, plans, indent=1, newline=False, allow_nan=False)
 
 
 def load_plans(path: str | Path) -> dict:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -44,9 +43,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .plans import (
-    ANISOTROPY_THRESHOLD, PlansError, compute_new_shape, preprocessing_key, read_case, write_json_atomic,
-)
+from ..files import atomic_save_npy, atomic_write_json
+from .plans import ANISOTROPY_THRESHOLD, PlansError, compute_new_shape, preprocessing_key, read_case
 
 CACHE_VERSION = 1
 CLASS_LOCATIONS_PER_CLASS = 4_000
@@ -249,16 +247,6 @@ def _paths(cache_dir: Path, case_id: str) -> PreprocessedCase:
     return PreprocessedCase(case_id, cache_dir / f"{case_id}_image.npy", cache_dir / f"{case_id}_labels.npy")
 
 
-def _save_npy_atomic(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def case_key(case: Any, plans_key: str) -> str:
     """Cache key of a case: the plans' preprocessing key and each source file's path, size and mtime_ns."""
     files = []
@@ -279,16 +267,16 @@ def build_case(case: Any, plans: dict, cache_dir: Path) -> str:
     out = _paths(cache_dir, case.id)
     pre_image = preprocess_image(image, spacing, plans)
     pre_labels = preprocess_labels(labels, spacing, plans)
-    _save_npy_atomic(pre_image, out.image)
-    _save_npy_atomic(pre_labels, out.labels)
-    write_json_atomic({
+    atomic_save_npy(out.image, pre_image)
+    atomic_save_npy(out.labels, pre_labels)
+    atomic_write_json(out.meta, {
         "id": case.id,
         "original_spacing": [float(s) for s in spacing],
         "original_shape": [int(s) for s in image.shape[1:]],
         "spacing": [float(s) for s in plans["target_spacing"]],
         "shape": [int(s) for s in pre_labels.shape],
         "class_locations": class_locations(pre_labels, plans["num_classes"]),
-    }, out.meta)
+    }, indent=1, newline=False, allow_nan=False)
     return case.id
 
 
@@ -305,7 +293,8 @@ def _read_index(cache_dir: Path) -> dict[str, str]:
 
 
 def _write_index(cache_dir: Path, cases: dict[str, str]) -> None:
-    write_json_atomic({"version": CACHE_VERSION, "cases": dict(sorted(cases.items()))}, cache_dir / "cache.json")
+    atomic_write_json(cache_dir / "cache.json", {"version": CACHE_VERSION, "cases": dict(sorted(cases.items()))},
+                      indent=1, newline=False, allow_nan=False)
 
 
 def preprocess_dataset(spec: Any, plans: dict, cache_dir: str | Path, *, progress: bool = True,

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from ..devices import AMP_CHOICES, AMP_HELP, DEVICE_CHOICES, autocast_dtype, select_device
 from ..errors import MaskSAMError
 from ..modeling.backbone import SamBackbone
-from .sliding_window import Progress, run as run_generator, sliding_window
+from ..progress import drive
+from .sliding_window import Progress, sliding_window
 
 __all__ = ["BASE_MODELS", "BoxPrompter", "SliceFrame", "add_cli", "check_boxes"]
 
@@ -187,7 +188,7 @@ class BoxPrompter:
                 spacing: Sequence[float] | None = None) -> np.ndarray:
         """Labels (Z, Y, X) uint16 for ``volume`` (Z, Y, X) (a run with C channels: (C, Z, Y, X)):
         box i -> label i + 1. ``spacing`` (sz, sy, sx) mm is needed for a run (its resampling)."""
-        return run_generator(self.segment_iter(volume, boxes, spacing=spacing))
+        return drive(self.segment_iter(volume, boxes, spacing=spacing))
 
     def segment_iter(self, volume: np.ndarray, boxes: Sequence[Sequence[int]], *,
                      spacing: Sequence[float] | None = None) -> Generator[Progress, None, np.ndarray]:
@@ -269,8 +270,8 @@ def _cli(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..errors import check_output_folder
-    from ..io import (NIFTI_SUFFIXES, TIFF_SUFFIXES, check_classes_sidecar, classes_sidecar, read_image,
-                      spacing_sidecar, write_labels)
+    from ..files import NIFTI_SUFFIXES, TIFF_SUFFIXES
+    from ..io import check_classes_sidecar, classes_sidecar, read_image, spacing_sidecar, write_labels
 
     out = Path(args.output)
     if not out.name.lower().endswith(NIFTI_SUFFIXES + TIFF_SUFFIXES):
@@ -293,7 +294,7 @@ def _cli(args: argparse.Namespace) -> int:
     unit = "slice" if prompter.mode == "zero-shot" else "window"
     with tqdm(desc=f"{Path(args.input).name} ({len(boxes)} box{'es' if len(boxes) > 1 else ''})", unit=unit,
               dynamic_ncols=True) as bar:
-        labels = run_generator(prompter.segment_iter(volume, boxes, spacing=geometry.spacing),
+        labels = drive(prompter.segment_iter(volume, boxes, spacing=geometry.spacing),
                                lambda p: (setattr(bar, "total", p.total), bar.update(p.done - bar.n)))
     write_labels(out, labels, geometry, class_names=names, overwrite=args.overwrite)
     found = ", ".join(f"box {i}: {int((labels == i).sum())} voxels" for i in range(1, len(boxes) + 1))

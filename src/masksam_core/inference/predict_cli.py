@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import secrets
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,11 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from ..devices import AMP_CHOICES, AMP_HELP, DEVICE_CHOICES
+from ..devices import AMP_CHOICES, AMP_HELP, DEVICE_CHOICES, distributed_env
 from ..errors import MaskSAMError, check_output_folder
+from ..files import TIFF_SUFFIXES, atomic_write, is_image_name, split_suffix
+from ..progress import drive
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff")
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Case:
 
     @property
     def is_tiff(self) -> bool:
-        return self.source.name.lower().endswith((".tif", ".tiff"))
+        return self.source.name.lower().endswith(TIFF_SUFFIXES)
 
 
 # --------------------------------------------------------------------------- finding cases
@@ -65,11 +65,7 @@ class Case:
 
 def _split(path: Path) -> tuple[str, str]:
     """(stem, suffix) with ``.nii.gz`` as one suffix; suffix '' for non-images."""
-    lower = path.name.lower()
-    for suffix in _IMAGE_SUFFIXES:
-        if lower.endswith(suffix):
-            return path.name[: -len(suffix)], suffix
-    return path.name, ""
+    return split_suffix(path) if is_image_name(path) else (path.name, "")
 
 
 def _looks_dicom(folder: Path) -> bool:
@@ -163,19 +159,6 @@ def find_cases(path: str | Path, *, exclude: Path | None = None) -> list[Case]:
 # --------------------------------------------------------------------------- several processes
 
 
-def distributed_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when not set."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise MaskSAMError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
-    if world < 1 or not 0 <= rank < world:
-        raise MaskSAMError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent: need 0 <= RANK < WORLD_SIZE")
-    return rank, world, local
-
-
 def cases_for_rank(cases: list[Case], rank: int, world: int) -> list[Case]:
     """The cases rank ``rank`` of ``world`` predicts: case i goes to rank i % world."""
     return cases[rank::world]
@@ -215,16 +198,12 @@ def read_case_image(case: Case) -> tuple[np.ndarray, Any]:
 def write_probabilities(path: Path, probabilities: np.ndarray, class_names: list[str],
                         spacing: tuple[float, ...]) -> None:
     """``{case}.npz``: probabilities float16 (C, Z, Y, X), class_names, spacing (sz, sy, sx); atomic."""
-    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp.npz")
     try:
-        with open(tmp, "wb") as handle:
+        with atomic_write(path) as handle:
             np.savez_compressed(handle, probabilities=probabilities.astype(np.float16),
                                 class_names=np.array(class_names), spacing=np.array(spacing, np.float64))
-        os.replace(tmp, path)
     except OSError as error:
         raise MaskSAMError(f"{path}: cannot write ({error}); check the folder is writable and has space") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def predict_case(predictor: Any, case: Case, out_dir: Path, args: argparse.Namespace) -> list[Path]:
@@ -243,19 +222,17 @@ def predict_case(predictor: Any, case: Case, out_dir: Path, args: argparse.Names
     gen = predictor.predict_iter(image, geometry.spacing, tta=args.tta, step_size=args.step_size,
                                  batch_size=args.batch_size, return_probabilities=args.save_probabilities)
     bar = None
+
+    def show(progress: Any) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=progress.total, desc=case.id, unit="window", leave=False, dynamic_ncols=True,
+                       file=sys.stderr)
+        bar.update(progress.done - bar.n)
+
     try:
-        while True:
-            try:
-                progress = next(gen)
-            except StopIteration as stop:
-                prediction = stop.value
-                break
-            if bar is None:
-                bar = tqdm(total=progress.total, desc=case.id, unit="window", leave=False, dynamic_ncols=True,
-                           file=sys.stderr)
-            bar.update(progress.done - bar.n)
+        prediction = drive(gen, show)
     finally:
-        gen.close()
         if bar is not None:
             bar.close()
     names = dict(enumerate(prediction.class_names))

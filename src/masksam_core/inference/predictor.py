@@ -42,6 +42,7 @@ import torch
 
 from ..devices import compile_errors, reuse_freed_memory
 from ..errors import MaskSAMError
+from ..progress import drive, relay
 from .sliding_window import Progress, sliding_window, window_starts
 
 __all__ = ["Cancelled", "Prediction", "Predictor", "Progress", "accumulation_device"]
@@ -184,13 +185,8 @@ class Predictor:
 
         See :meth:`predict_iter` for the arguments; this runs it to the end.
         """
-        gen = self.predict_iter(volume, spacing, tta=tta, step_size=step_size, batch_size=batch_size,
-                                return_probabilities=return_probabilities, cancel=cancel)
-        while True:
-            try:
-                next(gen)
-            except StopIteration as stop:
-                return stop.value
+        return drive(self.predict_iter(volume, spacing, tta=tta, step_size=step_size, batch_size=batch_size,
+                                       return_probabilities=return_probabilities, cancel=cancel))
 
     def predict_iter(self, volume: Any, spacing: Sequence[float], *, tta: bool = True, step_size: float = 0.5,
                      batch_size: int = 1, return_probabilities: bool = False,
@@ -231,20 +227,11 @@ class Predictor:
                                  mirror_axes=self.mirror_axes if tta else (), device=self.device, accumulate_on=on)
         # CPU: keep freed memory for the next window (see reuse_freed_memory), handed back at the end
         with reuse_freed_memory(self.device.type == "cpu"):
-            try:
-                while True:
-                    _check_cancel(cancel)
-                    try:
-                        progress = next(windows)
-                    except StopIteration as stop:
-                        scores = stop.value
-                        break
-                    yield progress
+            try:  # _check_cancel raises Cancelled once cancel is set, before the next batch
+                scores = yield from relay(windows, cancel=lambda: _check_cancel(cancel))
             except torch.cuda.OutOfMemoryError:
                 raise MaskSAMError(f"out of GPU memory on {self.device}: use --batch-size 1, --device cpu, "
                                    "or a smaller preset") from None
-            finally:
-                windows.close()
         del pre
         labels, probabilities = self._to_input_grid(scores.cpu().numpy(), image.shape[1:], spacing,
                                                     return_probabilities, cancel)

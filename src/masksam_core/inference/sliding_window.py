@@ -7,7 +7,8 @@ un-mirrored outputs: test-time augmentation), weights every patch's output
 with a Gaussian importance map (centre voxels count more than border voxels)
 and returns the weighted average. It is a generator: it yields a
 :class:`Progress` after every batch and returns the result, so a GUI can show
-progress and stop it between batches; :func:`run` drives it to the end.
+progress and stop it between batches (the protocol of :mod:`masksam_core.progress`, whose
+:func:`~masksam_core.progress.drive` runs it to the end).
 
 Invariant (tested): with ``predictor = lambda x: 2 * x`` the result is ``2 * volume``
 for any shape, patch size, overlap and mirroring.
@@ -20,7 +21,6 @@ import math
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -152,13 +152,3 @@ def sliding_window(
     result = total / norm
     return result[(slice(None), *(slice(b, b + n) for b, n in zip(before, shape)))]
 
-
-def run(gen: Generator[Any, None, Any], callback: Callable[[Any], None] | None = None) -> Any:
-    """Drive a progress generator (this module's, or any other) to the end and return its result."""
-    while True:
-        try:
-            progress = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if callback is not None:
-            callback(progress)

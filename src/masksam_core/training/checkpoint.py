@@ -16,17 +16,15 @@ A checkpoint is a dict saved with ``torch.save``:
   epoch: ``metrics.jsonl`` is rewritten from it on resume), ``config`` (the training settings);
 * ``sam``: the frozen base weights only when they are random (``tiny``), else ``None``.
 
-Files are written to a temporary name in the same folder and renamed, so a crash never
-leaves a half-written checkpoint. Files are read with ``weights_only=True``.
+Files are written through :func:`masksam_core.files.atomic_save`, so a crash never leaves a
+half-written checkpoint. Files are read with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import MaskSAMError
+from ..files import atomic_write_text
 
 FORMAT = 1
 
@@ -43,29 +42,6 @@ NEW_RUN_DEFAULTS: dict[str, Any] = {
     "prompt_mode": "auto", "val_cases": (), "val_fraction": 0.2, "patch_size": None, "num_queries": None,
     "sam_image_size": None, "augmentation": "full", "val_every": 1,
 }
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would create it, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def rng_state() -> dict[str, Any]:
@@ -252,9 +228,7 @@ def run_state(trainer: Any, data: Any, *, epoch: int, iteration: int, best: floa
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     """Write ``metrics.jsonl``: one JSON line per finished epoch, atomically (temporary file, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in history))
 
 
 def read_metrics(path: Path, epochs: int) -> list[dict[str, Any]]:

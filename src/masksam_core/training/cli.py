@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from typing import Any
 
-from ..devices import AMP_CHOICES, DEVICE_CHOICES
+from ..devices import AMP_CHOICES, DEVICE_CHOICES, distributed_env
 from ..modeling.presets import PRESETS
 
 # always it/s (tqdm's default switches to s/it below 1 it/s), then loss and lr from the postfix
@@ -52,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     )
     trainer = Trainer(config)
     signals: list[int] = []
-    show = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints
+    show = distributed_env()[0] == 0  # under torchrun only rank 0 prints
 
     def on_signal(signum: int, frame: object) -> None:
         if signals:  # a second Ctrl-C: stop at once

@@ -9,7 +9,6 @@ last ``val_fraction`` of the slices).
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from ..data.loader import CaseFiles, make_train_loader
 from ..data.plans import fingerprint_dataset, load_plans, make_plans, save_plans
 from ..data.preprocess import PreprocessedCase, class_locations, preprocess_dataset
 from ..errors import MaskSAMError
+from ..files import atomic_save_npy
 from . import distributed as dist
 
 
@@ -39,12 +39,6 @@ class DataBundle:
     loader: Callable[..., Iterable[dict[str, Any]]]
     transforms: TrainTransforms | None = None  # the training augmentation the loader applies
     note: str = ""  # what the user should know about the data (a resumed run's moved data set)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, np.ascontiguousarray(array))
-    os.replace(tmp, path)
 
 
 def slab_start(depth: int, fraction: float) -> int:
@@ -65,8 +59,8 @@ def _slab_split(case: PreprocessedCase, fraction: float, folder: Path, num_class
     # named by the cut too: runs sharing a --cache-dir with other fractions never touch each other's files
     img_path, lab_path = folder / f"{case.id}_z0-{cut}_image.npy", folder / f"{case.id}_z0-{cut}_labels.npy"
     if dist.is_main():
-        _save_npy(img_path, image[:, :cut])
-        _save_npy(lab_path, labels[:cut])
+        atomic_save_npy(img_path, image[:, :cut])
+        atomic_save_npy(lab_path, labels[:cut])
     dist.barrier()
     locations = class_locations(np.asarray(labels[:cut]), num_classes)
     train = CaseFiles(img_path, lab_path, {int(k): np.asarray(v, dtype=np.int64).reshape(-1, 3)

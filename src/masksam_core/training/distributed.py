@@ -11,7 +11,6 @@ Every helper that communicates must be called by all ranks in the same order.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from ..devices import select_device
+from ..devices import distributed_env, select_device
 from ..errors import MaskSAMError
 
 _device = torch.device("cpu")  # where collective tensors live (CUDA for NCCL)
@@ -29,7 +28,7 @@ def world_size() -> int:
     """Number of processes: the process group's size, else ``WORLD_SIZE`` (1 without torchrun)."""
     if active():
         return tdist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return distributed_env()[1]
 
 
 def active() -> bool:
@@ -43,12 +42,12 @@ def init(device_name: str = "auto") -> tuple[int, int, torch.device]:
     machine too). One GPU per process, chosen by ``LOCAL_RANK``.
     """
     global _device
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    _, world, local = distributed_env()
+    if world == 1:
         _device = select_device(device_name)
         return 0, 1, _device
     device = select_device(device_name)
     if device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
             raise MaskSAMError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s): start torchrun "
                                "with --nproc_per_node at most the number of GPUs")

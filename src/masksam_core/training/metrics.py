@@ -10,6 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import atomic_path
+from ..progress import drive, relay
+
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
     """Dice of each label value 0..C-1 between two label maps of the same shape.
@@ -36,9 +39,7 @@ def validate(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_n
     None where none does) and ``val_mean_dice`` (their mean; 0.0 when no class was present). Leaves
     ``model`` in eval mode. :func:`validate_iter` is the same with progress and a way to stop.
     """
-    from ..inference.sliding_window import run
-
-    return run(validate_iter(model, volumes, class_names, device, amp))
+    return drive(validate_iter(model, volumes, class_names, device, amp))
 
 
 def validate_on_main(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_names: Sequence[str],
@@ -58,7 +59,7 @@ def validate_iter(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], cl
                   device: torch.device, amp: torch.dtype | None,
                   should_stop: Callable[[], bool] | None = None) -> Generator[tuple[int, int], None, dict | None]:
     """:func:`validate` yielding (windows done, windows in all) after each window; returns None,
-    without scoring, as soon as ``should_stop()`` is true after a window."""
+    without scoring, as soon as ``should_stop()`` is true (asked before each window and after the last)."""
     from ..inference.predictor import count_windows
     from ..inference.sliding_window import sliding_window
     from ..modeling import gt_prompts, semantic_scores
@@ -74,23 +75,18 @@ def validate_iter(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], cl
             out = model(image, prompts)  # no graph kept: validation runs between training steps
         return semantic_scores(out["pred_logits"], out["pred_masks"])
 
-    total = sum(count_windows(np.shape(image)[1:], model.patch_size, 0.5) for image, _ in volumes)
+    counts = [count_windows(np.shape(image)[1:], model.patch_size, 0.5) for image, _ in volumes]
+    total = sum(counts)
     dices, done = [], 0
-    for image, labels in volumes:
+    for (image, labels), count in zip(volumes, counts):
         volume = torch.from_numpy(np.array(image, dtype=np.float32))
         if gt_mode:
             volume = torch.cat([volume, torch.from_numpy(np.array(labels, dtype=np.float32))[None]])
         windows = sliding_window(volume, predictor, model.patch_size, device=device, accumulate_on="cpu", batch_size=1)
-        while True:
-            try:
-                progress = next(windows)
-            except StopIteration as finished:
-                scores = finished.value
-                break
-            yield done + progress.done, total
-            if should_stop is not None and should_stop():
-                return None
-        done += progress.total
+        scores = yield from relay(windows, lambda progress: (done + progress.done, total), should_stop)
+        if scores is None:  # stopped
+            return None
+        done += count
         dices.append(dice_per_class(scores.argmax(0).numpy(), np.asarray(labels), c))
     table = np.array(dices, dtype=np.float64)
     present = np.isfinite(table).sum(axis=0)
@@ -152,7 +148,8 @@ def write_curves(metrics_path: Path, png_path: Path) -> None:
     if dice:
         ax_dice.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(png_path)
+    try:
+        with atomic_path(png_path) as tmp:
+            fig.savefig(tmp, dpi=90)
+    finally:
+        plt.close(fig)

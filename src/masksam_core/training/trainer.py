@@ -14,7 +14,6 @@ DistributedDataParallel.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Generator
@@ -27,8 +26,10 @@ import torch
 
 from ..devices import autocast_dtype, available_devices, compile_errors, reuse_freed_memory
 from ..errors import MaskSAMError, check_output_folder
+from ..files import atomic_save, atomic_write_json
 from ..modeling import build_model, gt_prompts
 from ..modeling.presets import get_preset, slice_size
+from ..progress import relay
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .config import TrainConfig
@@ -198,7 +199,7 @@ class Trainer:
             start_epoch, start_iter, best, partial = self._resume(saved, rank, world)
         elif dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2, default=str))
+            atomic_write_json(self.out / "config.json", dataclasses.asdict(c), newline=False, default=str)
             ckpt_io.write_metrics(self.out / "metrics.jsonl", [])  # no lines left from a run that never saved
         yield TrainEvent("setup", epoch=start_epoch, epochs=self.epochs,
                          message=f"{len(data.train_cases)} training and {len(data.val_volumes)} validation volumes; "
@@ -332,12 +333,7 @@ class Trainer:
         limit) cut it short."""
         gen = validate_on_main(self.model, data.val_volumes, data.class_names, device, self.amp,
                                lambda: self._stop or self._time_up(t0))
-        while True:
-            try:
-                done, total = next(gen)
-            except StopIteration as finished:
-                return finished.value
-            yield TrainEvent("validation", epoch, self.epochs, done, total)
+        return (yield from relay(gen, lambda item: TrainEvent("validation", epoch, self.epochs, *item)))
 
     def _save(self, data: Any, epoch: int, iteration: int, best: float, *, improved: bool = False,
               partial: dict[str, Any] | None = None) -> None:
@@ -348,11 +344,11 @@ class Trainer:
             return
         state = ckpt_io.run_state(self, data, epoch=epoch, iteration=iteration, best=best, rngs=rngs,
                                   partial=partial)
-        ckpt_io.atomic_save(state, self.out / "checkpoint_last.pt")
+        atomic_save(state, self.out / "checkpoint_last.pt")
         if partial is not None:
             return
         if improved:
-            ckpt_io.atomic_save(state, self.out / "checkpoint_best.pt")
+            atomic_save(state, self.out / "checkpoint_best.pt")
         ckpt_io.write_metrics(self.out / "metrics.jsonl", self.history)
         write_curves(self.out / "metrics.jsonl", self.out / "curves.png")
 
