@@ -58,7 +58,8 @@ def test_new_run_defaults_are_the_ones_runs_began_with():
         "sam_image_size": None, "augmentation": "full", "val_every": 1,
     }
     config = resolve_config(TrainConfig("d", "o", batch_size=4))
-    assert config.batch_size == 4 and all(getattr(config, k) == v for k, v in NEW_RUN_DEFAULTS.items() if k != "batch_size")
+    assert config.batch_size == 4
+    assert all(getattr(config, k) == v for k, v in NEW_RUN_DEFAULTS.items() if k != "batch_size")
     resumed = resolve_config(TrainConfig("d", "o", resume=True), {"patch_size": [2, 64, 64], "val_cases": ["a"]})
     assert (resumed.patch_size, resumed.val_cases) == ((2, 64, 64), ("a",))
 

@@ -24,6 +24,8 @@ from magicgui.widgets import (
 
 from masksam_core.devices import available_devices
 from masksam_core.errors import MaskSAMError
+from masksam_core.training import TrainConfig, TrainEvent, epoch_line, format_duration
+from masksam_core.training.config import NEW_RUN_DEFAULTS, widget_options
 
 from . import _models
 from ._dataset_export import DATASET_FOLDER, LayersData, check_split, layers_training_data, write_dataset
@@ -32,8 +34,6 @@ from ._worker import Job, on_close, run_job
 
 if TYPE_CHECKING:
     import napari
-
-    from masksam_core.training import TrainConfig, TrainEvent
 
 __all__ = ["TrainWidget", "TrainingPlot", "default_preset"]
 
@@ -109,7 +109,6 @@ class TrainWidget(Container):
         load_triton_beside_mesa()
         from masksam_core.data.augment import AUGMENTATIONS
         from masksam_core.modeling.presets import PRESETS
-        from masksam_core.training.config import NEW_RUN_DEFAULTS, TrainConfig, widget_options
 
         self._viewer = viewer
         self.job: Job | None = None
@@ -284,8 +283,6 @@ class TrainWidget(Container):
 
         Resuming continues the run on the data it began with (its exported layers or its data-set
         folder), whatever the source controls show."""
-        from masksam_core.training import TrainConfig
-
         data, missing = None, []
         if self.resume.value:
             out = self._out_folder(True)
@@ -326,7 +323,6 @@ class TrainWidget(Container):
         except MaskSAMError as error:
             self._message(f"Training not started: {error}", "warning")
             return None
-        from masksam_core.training import TrainEvent
         from masksam_core.training.trainer import Trainer
 
         self._out, self.trainer, self._stopping, self._iterating = Path(config.out), None, False, False
@@ -385,8 +381,6 @@ class TrainWidget(Container):
             self.status.value = (f"epoch {event.epoch}/{event.epochs}: validating, "
                                  f"{event.iteration}/{event.iterations} windows")
         elif event.kind == "epoch":
-            from masksam_core.training import epoch_line
-
             self._epoch_seconds.append(time.monotonic() - self._epoch_started)
             mean = sum(self._epoch_seconds[-5:]) / len(self._epoch_seconds[-5:])
             self.status.value = epoch_line(event, mean * (event.epochs - event.epoch))
@@ -407,8 +401,6 @@ class TrainWidget(Container):
             left = (-done % n) / rate + (total - done) // n * per_epoch
         if self._deadline is not None:
             left = max(0.0, min(left, self._deadline - time.monotonic()))
-        from masksam_core.training import format_duration
-
         return f" · {rate:.2f} it/s · ETA {format_duration(left)}"
 
     def _on_finish(self, job: Job) -> None:

@@ -70,7 +70,7 @@ class Setting:
 
     flag: str
     help: Text
-    type: type | None = None
+    arg_type: type | None = None
     nargs: int | str | None = None
     metavar: str | tuple[str, ...] | None = None
     choices: Choices | None = None
@@ -126,10 +126,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for f, s in settings(cls):
         shown = s.shown_default or _shown(default_of(f))
         options: dict[str, Any] = {"help": _text(s.help) + (f" (default: {shown})" if shown else "")}
-        if s.type is bool:
+        if s.arg_type is bool:
             options["action"] = argparse.BooleanOptionalAction if f.default is None else "store_true"
-        elif s.type is not None:
-            options["type"] = s.type
+        elif s.arg_type is not None:
+            options["type"] = s.arg_type
         for key in ("nargs", "metavar"):
             if getattr(s, key) is not None:
                 options[key] = getattr(s, key)
