@@ -44,9 +44,9 @@ def make_trainer(preset: str, device: torch.device, amp_mode: str = "auto", *,
     from masksam_core.devices import autocast_dtype
     from masksam_core.modeling import build_model
     from masksam_core.modeling.presets import get_preset
-    from masksam_core.training.checkpoint import NEW_RUN_DEFAULTS
+    from masksam_core.training.config import NEW_RUN_DEFAULTS, TrainConfig
     from masksam_core.training.criterion import HungarianMatcher, SetCriterion, loss_weights
-    from masksam_core.training.trainer import TrainConfig, Trainer
+    from masksam_core.training.trainer import Trainer
 
     p = get_preset(preset)
     trainer = Trainer(TrainConfig(dataset="benchmark", out="benchmark", preset=preset, amp=amp_mode))

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from masksam_core.training.trainer import TrainConfig, Trainer
+from masksam_core.training.config import TrainConfig
+from masksam_core.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from phantom import make_phantom_dataset  # noqa: E402

@@ -254,6 +254,29 @@ def test_stop_saves_a_checkpoint_and_ends_soon(make_napari_viewer, qtbot, tmp_pa
 
 
 @pytest.mark.gui
+def test_the_widget_starts_at_the_new_run_defaults(make_napari_viewer, tmp_path, monkeypatch):
+    from masksam_core.modeling.presets import PRESETS
+    from masksam_core.training import TrainConfig
+    from masksam_core.training.config import NEW_RUN_DEFAULTS, widget_options
+    from napari_masksam._train_widget import TrainWidget, default_preset
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _, widget = make_napari_viewer().window.add_plugin_dock_widget("napari-masksam", "Train (MaskSAM)")
+    assert isinstance(widget, TrainWidget)
+    settings = widget._settings()
+    assert settings.pop("preset") == default_preset() and widget.epochs.value == PRESETS[default_preset()].epochs
+    assert settings == {k: NEW_RUN_DEFAULTS[k] for k in settings}
+    assert (widget.workers.value, widget.device.value) == (TrainConfig.num_workers, TrainConfig.device)
+    assert (widget.minutes.value or None) is TrainConfig.time_limit  # 0: no limit
+    for box, name in ((widget.epochs, "epochs"), (widget.iters, "iters_per_epoch"), (widget.minutes, "time_limit"),
+                      (widget.batch_size, "batch_size"), (widget.queries, "num_queries"), (widget.lr, "lr"),
+                      (widget.val_fraction, "val_fraction"), (widget.workers, "num_workers")):
+        options = widget_options(name)
+        assert (box.min, box.max) == (options["min"], options["max"]), name
+        assert box.step == options.get("step", box.step), name
+
+
+@pytest.mark.gui
 def test_bad_input_becomes_a_notification(make_napari_viewer, tmp_path, runs, notes, monkeypatch):
     from napari_masksam._train_widget import LAYERS, TrainWidget
 

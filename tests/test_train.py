@@ -25,7 +25,8 @@ import torch
 from masksam_core.cli import main
 from masksam_core.errors import MaskSAMError
 from masksam_core.training.checkpoint import load_run
-from masksam_core.training.trainer import TrainConfig, Trainer
+from masksam_core.training.config import TrainConfig
+from masksam_core.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from phantom import make_phantom_dataset  # noqa: E402
@@ -385,7 +386,7 @@ def test_ddp_two_processes_keep_identical_parameters(phantom, tmp_path):
 def test_loader_leaves_the_global_rng_alone(phantom, tmp_path):
     """Criterion point sampling draws from the global RNG, saved in checkpoints: starting an epoch's loader
     must not draw from it, or a run resumed mid-epoch would sample other points than a straight one."""
-    from masksam_core.training.checkpoint import resolve_config
+    from masksam_core.training.config import resolve_config
     from masksam_core.training.data_setup import prepare_data
 
     config = resolve_config(TrainConfig(str(phantom), str(tmp_path / "run"), preset="tiny", iters_per_epoch=2,
@@ -404,7 +405,7 @@ def test_augmentation_follows_the_patch_shape_as_nnunet(phantom, tmp_path, patch
     """nnU-Net's "dummy 2D" augmentation (rotation about the slice axis only, T' = T) is chosen by the patch
     (max / T > 3), not by the spacing: with the phantom's near-isotropic spacing a 2-slice patch still gets
     in-plane rotations only, never 3D ones cut from a 40-slice region that is mostly padding."""
-    from masksam_core.training.checkpoint import resolve_config
+    from masksam_core.training.config import resolve_config
     from masksam_core.training.data_setup import prepare_data
 
     config = resolve_config(TrainConfig(str(phantom), str(tmp_path / "run"), preset="tiny", patch_size=patch,
@@ -419,7 +420,7 @@ def test_augmentation_follows_the_patch_shape_as_nnunet(phantom, tmp_path, patch
 
 def test_augmentation_setting_reaches_the_loader(phantom, tmp_path):
     from masksam_core.data.plans import load_plans
-    from masksam_core.training.checkpoint import resolve_config
+    from masksam_core.training.config import resolve_config
     from masksam_core.training.data_setup import prepare_data
 
     config = resolve_config(TrainConfig(str(phantom), str(tmp_path / "run"), preset="tiny", patch_size=(2, 64, 64),
@@ -582,7 +583,7 @@ def test_validation_keeps_no_graph_and_the_time_limit_ends_it(phantom, tmp_path,
 
 
 def test_val_every_is_kept_on_resume_and_slabs_of_other_fractions_stay_apart(tmp_path):
-    from masksam_core.training.checkpoint import resolve_config
+    from masksam_core.training.config import resolve_config
     from masksam_core.training.data_setup import prepare_data
 
     saved = {"val_every": 2, "preset": "tiny"}

@@ -24,6 +24,8 @@ from magicgui.widgets import (
 
 from masksam_core.devices import available_devices
 from masksam_core.errors import MaskSAMError
+from masksam_core.training import TrainConfig, TrainEvent, epoch_line, format_duration
+from masksam_core.training.config import NEW_RUN_DEFAULTS, widget_options
 
 from . import _models
 from ._dataset_export import DATASET_FOLDER, LayersData, check_split, layers_training_data, write_dataset
@@ -34,8 +36,6 @@ from ._worker import Job, run_job
 
 if TYPE_CHECKING:
     import napari
-
-    from masksam_core.training.trainer import TrainConfig, TrainEvent
 
 __all__ = ["TrainWidget", "default_preset"]
 
@@ -70,20 +70,21 @@ class TrainWidget(Container):
         self.split_info = Label(value="")
         self.preset = ComboBox(label="preset", choices=list(PRESETS), value=preset,
                                tooltip="\n".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
-        self.epochs = SpinBox(label="epochs", min=1, max=100_000, value=PRESETS[preset].epochs)
-        self.iters = SpinBox(label="iterations / epoch", min=1, max=1_000_000, value=250)
-        self.minutes = FloatSpinBox(label="time budget (min)", min=0, max=1e6, value=0, tooltip="0: no limit")
+        self.epochs = SpinBox(label="epochs", **{**widget_options("epochs"), "value": PRESETS[preset].epochs})
+        self.iters = SpinBox(label="iterations / epoch", **widget_options("iters_per_epoch"))
+        self.minutes = FloatSpinBox(label="time budget (min)", **widget_options("time_limit"), tooltip="0: no limit")
         self.out = FileEdit(label="output folder", mode="d", tooltip="the run folder (created)")
         self.resume = CheckBox(text="resume the run in the output folder", tooltip="with its settings; epochs may grow")
-        self.device = ComboBox(label="device", choices=["auto", *available_devices()], value="auto")
+        self.device = ComboBox(label="device", choices=["auto", *available_devices()], value=TrainConfig.device)
         self.advanced = CheckBox(text="advanced settings", value=False)
-        self.batch_size = SpinBox(label="batch size", min=1, max=1024, value=2)
+        self.batch_size = SpinBox(label="batch size", **widget_options("batch_size"))
         self.patch_size = LineEdit(label="patch T H W", value="", tooltip="empty: the preset's patch size")
-        self.queries = SpinBox(label="queries", min=0, max=1024, value=0, tooltip="0: the preset's")
-        self.lr = FloatSpinBox(label="learning rate", min=1e-5, max=1.0, step=1e-5, value=1e-3)
-        self.val_fraction = FloatSpinBox(label="validation fraction", min=0.0, max=0.9, step=0.05, value=0.2)
-        self.workers = SpinBox(label="loader processes", min=0, max=64, value=2)
-        self.augmentation = ComboBox(label="augmentation", choices=list(AUGMENTATIONS), value="full",
+        self.queries = SpinBox(label="queries", **widget_options("num_queries"), tooltip="0: the preset's")
+        self.lr = FloatSpinBox(label="learning rate", **widget_options("lr"))
+        self.val_fraction = FloatSpinBox(label="validation fraction", **widget_options("val_fraction"))
+        self.workers = SpinBox(label="loader processes", **widget_options("num_workers"))
+        self.augmentation = ComboBox(label="augmentation", choices=list(AUGMENTATIONS),
+                                     value=NEW_RUN_DEFAULTS["augmentation"],
                                      tooltip="\n".join(f"{k}: {v}" for k, v in AUGMENTATIONS.items()))
         self._advanced = [self.batch_size, self.patch_size, self.queries, self.lr, self.val_fraction, self.workers,
                           self.augmentation]
@@ -225,8 +226,6 @@ class TrainWidget(Container):
 
         Resuming continues the run on the data it began with (its exported layers or its data-set
         folder), whatever the source controls show."""
-        from masksam_core.training.trainer import TrainConfig
-
         data, missing = None, []
         if self.resume.value:
             out = self._out_folder(True)
@@ -267,7 +266,7 @@ class TrainWidget(Container):
         except MaskSAMError as error:
             self._message(f"Training not started: {error}", "warning")
             return None
-        from masksam_core.training.trainer import Trainer, TrainEvent
+        from masksam_core.training.trainer import Trainer
 
         self._out, self.trainer, self._stopping, self._iterating = Path(config.out), None, False, False
         self._times, self._epoch_seconds = deque(maxlen=20), []  # iteration clock; seconds per epoch
@@ -320,8 +319,6 @@ class TrainWidget(Container):
             self.panel.status.value = (f"epoch {event.epoch}/{event.epochs}: validating, "
                                  f"{event.iteration}/{event.iterations} windows")
         elif event.kind == "epoch":
-            from masksam_core.training.cli import epoch_line
-
             self._epoch_seconds.append(time.monotonic() - self._epoch_started)
             mean = sum(self._epoch_seconds[-5:]) / len(self._epoch_seconds[-5:])
             self.panel.status.value = epoch_line(event, mean * (event.epochs - event.epoch))
@@ -342,9 +339,7 @@ class TrainWidget(Container):
             left = (-done % n) / rate + (total - done) // n * per_epoch
         if self._deadline is not None:
             left = max(0.0, min(left, self._deadline - time.monotonic()))
-        from masksam_core.training.cli import _duration
-
-        return f" · {rate:.2f} it/s · ETA {_duration(left)}"
+        return f" · {rate:.2f} it/s · ETA {format_duration(left)}"
 
     def _on_finish(self, job: Job) -> None:
         saved = job.error is None and (self._out / "checkpoint_last.pt").is_file()

@@ -36,12 +36,6 @@ from ..files import atomic_write_text
 
 FORMAT = 1
 
-# Settings a resumed run takes from its checkpoint when left None (a different value is an error).
-NEW_RUN_DEFAULTS: dict[str, Any] = {
-    "preset": "lite", "iters_per_epoch": 250, "batch_size": 2, "lr": 1e-3, "weight_decay": 1e-2, "seed": 0,
-    "prompt_mode": "auto", "val_cases": (), "val_fraction": 0.2, "patch_size": None, "num_queries": None,
-    "sam_image_size": None, "augmentation": "full", "val_every": 1,
-}
 
 
 def rng_state() -> dict[str, Any]:
@@ -75,58 +69,6 @@ def _python_state_to_list(state: tuple) -> list:
 def _python_state_from_list(state: list) -> tuple:
     version, internal, gauss = state
     return (version, tuple(internal), gauss)
-
-
-def _norm(value: Any) -> Any:
-    return [_norm(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-
-def resolve_config(config: Any, saved: dict[str, Any] | None = None) -> Any:
-    """``config`` (a ``TrainConfig``) with every ``None`` of :data:`NEW_RUN_DEFAULTS` filled: from ``saved`` (the
-    checkpoint's config) when resuming, else with the defaults. A value given that differs from the
-    run's raises :class:`MaskSAMError`: a resumed run trains on exactly as it began."""
-    values: dict[str, Any] = {}
-    for key, default in NEW_RUN_DEFAULTS.items():
-        given = getattr(config, key)
-        if saved is None:
-            values[key] = default if given is None else given
-            continue
-        was = saved.get(key, default)
-        if given is not None and _norm(given) != _norm(was):
-            flag = "--" + key.replace("_", "-")
-            raise MaskSAMError(f"{config.out} was trained with {flag} {_norm(was)}, not {_norm(given)}: resume "
-                               f"with the same value (or leave {flag} out), or start a new run with another --out")
-        values[key] = was if given is None else given
-    for key in ("val_cases", "patch_size"):
-        values[key] = tuple(values[key]) if values[key] is not None else None
-    return dataclasses.replace(config, **values)
-
-
-def check_ranges(c: Any, epochs: int) -> None:
-    """Raise :class:`MaskSAMError` naming the flag and its rule for a resolved ``TrainConfig`` value
-    (or ``epochs``) out of range."""
-    from ..data.augment import AUGMENTATIONS
-
-    if c.augmentation not in AUGMENTATIONS:
-        raise MaskSAMError(f"--augmentation {c.augmentation} is unknown: choose one of {', '.join(AUGMENTATIONS)}")
-    positive, at_least_0, at_least_1 = "must be positive", "must be 0 or more", "must be 1 or more"
-    for flag, value, ok, rule in (
-            ("--epochs", epochs, epochs >= 1, at_least_1),
-            ("--iters-per-epoch", c.iters_per_epoch, c.iters_per_epoch >= 1, at_least_1),
-            ("--batch-size", c.batch_size, c.batch_size >= 1, at_least_1),
-            ("--lr", c.lr, c.lr > 0, positive), ("--weight-decay", c.weight_decay, c.weight_decay >= 0, at_least_0),
-            ("--val-every", c.val_every, c.val_every >= 1, at_least_1),
-            ("--val-fraction", c.val_fraction, 0 <= c.val_fraction < 1,
-             "must be at least 0 (no validation) and below 1 (some data must be left to train on)"),
-            ("--num-workers", c.num_workers, c.num_workers >= 0, at_least_0),
-            ("--time-limit", c.time_limit, c.time_limit is None or c.time_limit > 0, "must be positive (minutes)"),
-            ("--patch-size", c.patch_size, c.patch_size is None or min(c.patch_size) >= 1,
-             "must be 3 positive sizes T H W"),
-            ("--num-queries", c.num_queries, c.num_queries is None or c.num_queries >= 1, at_least_1),
-            ("--sam-image-size", c.sam_image_size, c.sam_image_size is None or c.sam_image_size >= 1, positive)):
-        if not ok:
-            shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
-            raise MaskSAMError(f"{flag} {shown} is out of range: it {rule}")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Generator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +31,10 @@ from ..modeling.presets import get_preset, slice_size
 from ..progress import relay
 from . import checkpoint as ckpt_io
 from . import distributed as dist
-from .config import TrainConfig
+from .config import TrainConfig, check_ranges, resolve_config
 from .data_setup import patch_fit_note, prepare_data
+from .events import TrainEvent
 from .metrics import validate_on_main, write_curves
-
-@dataclass
-class TrainEvent:
-    """What the trainer reports: ``kind`` is setup, epoch_start, iteration, validation (``iteration``
-    windows done of ``iterations``), epoch, stopped or done."""
-
-    kind: str
-    epoch: int = 0
-    epochs: int = 0
-    iteration: int = 0
-    iterations: int = 0
-    loss: float = float("nan")
-    lr: float = float("nan")
-    metrics: dict[str, Any] | None = None
-    message: str = ""
 
 
 def poly_lr(base_lr: float, epoch: int, max_epochs: int, exponent: float = 0.9) -> float:
@@ -146,7 +131,7 @@ class Trainer:
                           patch_size=build["overrides"].get("patch_size", preset.patch_size),
                           num_queries=build["overrides"].get("num_queries", preset.num_queries),
                           sam_image_size=build["overrides"].get("sam_image_size", preset.sam_image_size))
-            self.config = ckpt_io.resolve_config(c, config)
+            self.config = resolve_config(c, config)
             done, total = int(saved["epoch"]), int(saved["scheduler"]["max_epochs"])
             if c.epochs is not None and c.epochs < done:
                 raise MaskSAMError(f"{self.out} has already trained {done} epochs: pass --epochs {done + 1} or "
@@ -154,9 +139,9 @@ class Trainer:
             self.epochs = total if c.epochs is None else c.epochs
             self.history = list(saved.get("history") or ckpt_io.read_metrics(self.out / "metrics.jsonl", done))
         else:
-            self.config = ckpt_io.resolve_config(c)
+            self.config = resolve_config(c)
             self.epochs = get_preset(self.config.preset).epochs if c.epochs is None else c.epochs
-        ckpt_io.check_ranges(self.config, self.epochs)
+        check_ranges(self.config, self.epochs)
         return saved
 
     # ------------------------------------------------------------------ loop
