@@ -70,7 +70,8 @@ def write_run(preset: str, folder: Path, spacing: tuple[float, float, float],
     whose target spacing is ``spacing``. The model is initialised on ``build_device`` (fast on a GPU)."""
     from masksam_core.modeling import build_model
     from masksam_core.modeling.presets import get_preset
-    from masksam_core.training.checkpoint import FORMAT, atomic_save
+    from masksam_core.runs import FORMAT
+    from masksam_core.training.checkpoint import atomic_save
 
     p = get_preset(preset)
     names = ["background"] + [f"class{i}" for i in range(1, p.num_classes)]

@@ -18,10 +18,11 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox
 
 from masksam_core.devices import available_devices
 from masksam_core.errors import MaskSAMError
+from masksam_core.runs import checkpoint_of
 
 from ._compat import load_triton_beside_mesa
 from ._layers import show_labels, volume_of
-from ._models import ModelPicker, checkpoint_of, model_choices
+from ._models import ModelPicker, model_choices
 from ._worker import Job, JobPanel, failed_job, on_close, run_job
 
 if TYPE_CHECKING:
