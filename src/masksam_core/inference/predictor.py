@@ -152,7 +152,7 @@ class Predictor:
             )
         self.plans: dict[str, Any] = run.plans
         self.class_names: list[str] = [str(n) for n in run.class_names]
-        ckpt = run.to_dict()
+        ckpt = run.to_dict()  # the saved dict, as tta_mirror_axes and training_config read it
         self.amp = autocast_dtype(self.device, amp, cpu_bf16=True)
         self.patch_size = tuple(int(p) for p in self.model.patch_size)
         self.mirror_axes = tta_mirror_axes(ckpt)
