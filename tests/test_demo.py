@@ -145,7 +145,7 @@ def test_bundled_model_finds_liver_and_spleen_where_the_untrained_model_does_not
 
 
 def test_demo_refuses_a_missing_bundled_model(monkeypatch, tmp_path):
-    monkeypatch.setattr(models, "BUNDLED", {"abdomen-ct-lite": "not-there.pt"})
+    monkeypatch.setattr("masksam_core.runs.finding.BUNDLED", {"abdomen-ct-lite": "not-there.pt"})
     with pytest.raises(MaskSAMError, match="missing from this installation"):
         demo.run_demo(tmp_path / "out", device="cpu")
 
