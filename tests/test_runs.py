@@ -10,8 +10,17 @@ import torch
 from masksam_core.cli import main
 from masksam_core.errors import MaskSAMError
 from masksam_core.inference.predictor import Predictor
-from masksam_core.runs import (MODEL_KIND, BuildSpec, RunFile, bundled_models, export_model, find_model,
-                               load_checkpoint, model_card_path, resolve_run)
+from masksam_core.runs import (
+    MODEL_KIND,
+    BuildSpec,
+    RunFile,
+    bundled_models,
+    export_model,
+    find_model,
+    load_checkpoint,
+    model_card_path,
+    resolve_run,
+)
 from tests.runs import write_tiny_run
 
 

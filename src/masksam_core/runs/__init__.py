@@ -22,9 +22,24 @@ training (``masksam-core export``). Both are run files (:class:`RunFile`, layout
 from __future__ import annotations
 
 from .export import export_model
-from .finding import (BUNDLED, CHECKPOINT_NAMES, asset_path, bundled_models, checkpoint_of, find_model,
-                      model_card_path, resolve_run, run_prompt_mode)
-from .loading import base_weights_info, load_checkpoint, load_run, load_state, load_trainable
+from .finding import (
+    BUNDLED,
+    CHECKPOINT_NAMES,
+    asset_path,
+    bundled_models,
+    checkpoint_of,
+    find_model,
+    model_card_path,
+    resolve_run,
+    run_prompt_mode,
+)
+from .loading import (
+    base_weights_info,
+    load_checkpoint,
+    load_run,
+    load_state,
+    load_trainable,
+)
 from .runfile import FORMAT, MODEL_KIND, RUN_KIND, BuildSpec, RunFile
 
 __all__ = ["BUNDLED", "CHECKPOINT_NAMES", "FORMAT", "MODEL_KIND", "RUN_KIND", "BuildSpec", "RunFile", "asset_path",
