@@ -71,7 +71,7 @@ def write_run(preset: str, folder: Path, spacing: tuple[float, float, float],
     from masksam_core.files import atomic_save
     from masksam_core.modeling import build_model
     from masksam_core.modeling.presets import get_preset
-    from masksam_core.training.checkpoint import FORMAT
+    from masksam_core.runs import FORMAT
 
     p = get_preset(preset)
     names = ["background"] + [f"class{i}" for i in range(1, p.num_classes)]

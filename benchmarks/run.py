@@ -154,7 +154,7 @@ def resolve(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 # What each part imports from masksam_core (a missing third-party module shows up here, before any timing).
 PART_MODULES = {
     "encoder": ("masksam_core.modeling",),
-    "predict": ("masksam_core.inference.predictor", "masksam_core.training.checkpoint"),
+    "predict": ("masksam_core.inference.predictor", "masksam_core.runs"),
     "train": ("masksam_core.training.trainer",),
 }
 PIP_NAMES = {"segment_anything": "segment-anything", "dynamic_network_architectures": "dynamic-network-architectures",

@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
             _models.add_run(args.segment_run)  # as Browse... in the Segment widget does
             model = str(args.segment_run.expanduser().resolve())
         else:
-            from masksam_core.models import bundled_models
+            from masksam_core.runs import bundled_models
 
             model = str(bundled_models()["abdomen-ct-lite"])  # the widget's default
         segment_step(shot, image, labels, model, args.device, 1.0 if args.quick else 0.5)

@@ -26,7 +26,7 @@ def write_tiny_run(root: Path, prompt_mode: str = "auto") -> Path:
     """A run folder: random-weight ``tiny`` MaskSAM (patch 2×32×32, 3 queries, 3 classes), trainer format."""
     from masksam_core.files import atomic_save
     from masksam_core.modeling import build_model
-    from masksam_core.training.checkpoint import FORMAT
+    from masksam_core.runs import FORMAT
 
     torch.manual_seed(0)
     overrides = {"patch_size": [2, 32, 32], "num_queries": 3}

@@ -22,7 +22,7 @@ from masksam_core.errors import MaskSAMError
 from masksam_core.inference.box_geometry import boxes_from_rectangles
 from masksam_core.inference.box_prompt import BoxPrompter, SliceFrame, check_boxes
 from masksam_core.modeling import build_backbone, build_model
-from masksam_core.training.checkpoint import FORMAT
+from masksam_core.runs import FORMAT
 
 LESIONS = "Dataset503_Lesions"
 

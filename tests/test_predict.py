@@ -28,6 +28,7 @@ from masksam_core.devices import distributed_env
 from masksam_core.errors import MaskSAMError
 from masksam_core.inference.predict_cli import Case, cases_for_rank, find_cases
 from masksam_core.inference.predictor import CPU_QUERY_CHUNK, Cancelled, Predictor, accumulation_device
+from masksam_core.runs import FORMAT, RUN_KIND, BuildSpec, RunFile
 
 from runs import make_plans, write_tiny_run
 
@@ -67,9 +68,10 @@ def fake_run(monkeypatch):
     net = FakeNet()
 
     def load_run(path, *, base_checkpoint=None, device="cpu"):
-        return net, {"plans": make_plans((2.5, 1.5, 1.5)), "class_names": ["background", "object"]}
+        return net, RunFile(kind=RUN_KIND, format=FORMAT, model={}, build=BuildSpec("tiny", {}, 2, 1, "auto"),
+                            plans=make_plans((2.5, 1.5, 1.5)), class_names=["background", "object"])
 
-    monkeypatch.setattr("masksam_core.training.checkpoint.load_run", load_run)
+    monkeypatch.setattr("masksam_core.runs.load_run", load_run)
     return net
 
 

@@ -24,7 +24,7 @@ import torch
 
 from masksam_core.cli import main
 from masksam_core.errors import MaskSAMError
-from masksam_core.training.checkpoint import load_run
+from masksam_core.runs import RunFile, load_run
 from masksam_core.training.config import TrainConfig
 from masksam_core.training.trainer import Trainer
 
@@ -229,7 +229,7 @@ def trained(phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Trainer:
 
 def test_load_run_rebuilds_the_trained_model(trained):
     model, ckpt = load_run(trained.out)
-    assert ckpt["class_names"] == ["background", "ball", "box"]
+    assert ckpt.class_names == ["background", "ball", "box"]
     assert_same_weights(model.trainable_state_dict(), trained.model.trainable_state_dict())
     assert_same_weights(model.sam.state_dict(), trained.model.sam.state_dict())
     x = torch.randn(1, 1, 2, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -277,6 +277,14 @@ def test_activation_count_of_a_lite_step():
     assert 0 < gt < 2**30
     assert cpu_recompute_reason(two, 24 * 2**30) is not None and cpu_recompute_reason(two, 128 * 2**30) is None
     assert "free memory unknown" in cpu_recompute_reason(gt, None)
+
+
+def test_a_trained_checkpoint_reads_as_a_run_file_and_back_unchanged(trained):
+    saved = checkpoint(trained.out)
+    run = RunFile.from_dict(saved)
+    assert run.kind == "masksam-run" and run.epoch == 1 and run.build.preset == "tiny"
+    again = run.to_dict()
+    assert list(again) == list(saved) and again == saved
 
 
 def test_errors_are_clear(phantom, tmp_path, capsys, trained):
@@ -455,12 +463,12 @@ def test_a_smaller_patch_scales_the_slice_sam_sees(phantom, tmp_path):
     rc, _, err = finish(command(phantom, run, *small, "--epochs", "1"), tmp_path / "log1")
     assert rc == 0, err[-3000:]
     model, ckpt = load_run(run)
-    assert ckpt["build"]["overrides"]["sam_image_size"] == 32
+    assert ckpt.build.overrides["sam_image_size"] == 32
     assert model.sam.image_size == 32 and tuple(model.patch_size) == (2, 32, 32)
     rc, _, err = finish(command(phantom, run, "--resume", "--epochs", "2"), tmp_path / "log2")
     assert rc == 0, err[-3000:]
     model, ckpt = load_run(run)
-    assert ckpt["epoch"] == 2 and model.sam.image_size == 32
+    assert ckpt.epoch == 2 and model.sam.image_size == 32
     rc, _, err = finish(command(phantom, run, "--resume", "--epochs", "3", "--sam-image-size", "64"), tmp_path / "log3")
     assert rc != 0 and "--sam-image-size 32" in err and "Traceback" not in err
 

@@ -18,8 +18,8 @@ _LAZY = {"Predictor": ".inference.predictor", "BoxPrompter": ".inference.box_pro
 
 
 def bundled_models() -> dict:
-    """Name -> file of the trained models shipped with masksam_core (see :mod:`masksam_core.models`)."""
-    from .models import bundled_models as found
+    """Name -> file of the trained models shipped with masksam_core (see :mod:`masksam_core.runs`)."""
+    from .runs import bundled_models as found
 
     return found()
 

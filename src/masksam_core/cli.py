@@ -17,10 +17,11 @@ from .errors import MaskSAMError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, evaluation, info, models, weights
+    from . import demo, evaluation, info, weights
     from .data import dataset
     from .inference import box_prompt
     from .inference import predict_cli as predict
+    from .runs import export
     from .training import cli as train
 
     parser = argparse.ArgumentParser(
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (info, weights, dataset, train, evaluation, predict, box_prompt, models, demo):
+    for module in (info, weights, dataset, train, evaluation, predict, box_prompt, export, demo):
         module.add_cli(sub)
     return parser
 

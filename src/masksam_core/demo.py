@@ -45,7 +45,7 @@ SAMPLE_DATASET = "Dataset501_AbdomenCT"
 
 def sample_paths() -> tuple[Path, Path]:
     """(image, labels) paths of the bundled sample CT and its organ label map (NIfTI, same affine)."""
-    from .models import asset_path
+    from .runs import asset_path
 
     return asset_path(IMAGE_FILE), asset_path(LABELS_FILE)
 

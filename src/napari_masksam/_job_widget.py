@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton, Widget
 
 from masksam_core.devices import available_devices
+from masksam_core.runs import checkpoint_of
 
 from ._compat import load_triton_beside_mesa
 from ._layers import volume_of
-from ._models import ModelPicker, checkpoint_of
+from ._models import ModelPicker
 from ._worker import Job, failed_job, run_job
 
 if TYPE_CHECKING:

@@ -25,10 +25,11 @@ from magicgui.widgets import ComboBox, Container, FileEdit
 from psygnal import Signal
 
 from masksam_core.files import atomic_write_json
+from masksam_core.runs import checkpoint_of, run_prompt_mode
 from masksam_core.weights import cache_dir
 
-__all__ = ["RUNS_FILE_NAME", "ModelPicker", "add_run", "box_model_choices", "bundled_models", "checkpoint_of",
-           "known_runs", "model_choices", "run_label", "run_prompt_mode", "runs_changed", "runs_file"]
+__all__ = ["RUNS_FILE_NAME", "ModelPicker", "add_run", "box_model_choices", "bundled_models", "known_runs",
+           "model_choices", "run_label", "runs_changed", "runs_file"]
 
 log = logging.getLogger(__name__)
 
@@ -81,29 +82,6 @@ def add_run(path: str | os.PathLike) -> None:
 Choices = list[tuple[str, Any]]
 
 BASE_MODEL_LABELS = {"lite": "LiteMedSAM", "vit_b": "SAM ViT-B", "vit_l": "SAM ViT-L", "vit_h": "SAM ViT-H"}
-
-
-def checkpoint_of(path: str | os.PathLike) -> Path | None:
-    """The checkpoint a run folder (``checkpoint_best.pt``, else ``checkpoint_last.pt``) or ``.pt``
-    file stands for, or None when ``path`` is neither."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
-            if (path / name).is_file():
-                return path / name
-        return None
-    return path if path.is_file() and path.suffix == ".pt" else None
-
-
-def run_prompt_mode(path: str | os.PathLike) -> str | None:
-    """``auto`` or ``gt`` from the run's ``config.json`` (the trainer writes it), None when unknown."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    try:
-        mode = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("prompt_mode")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return str(mode) if mode else None
 
 
 def run_label(path: str | os.PathLike) -> str:

@@ -164,14 +164,14 @@ class BoxPrompter:
             self.sam = self.sam.to(self.device).eval()
 
     def _load_run(self, path: Path, checkpoint: str | os.PathLike | None) -> None:
-        from ..training.checkpoint import load_run
+        from ..runs import load_run
 
-        model, ckpt = load_run(path, base_checkpoint=checkpoint, device=self.device)
+        model, run = load_run(path, base_checkpoint=checkpoint, device=self.device)
         if getattr(model, "prompt_mode", None) != "gt":
             raise MaskSAMError(f"{path} was trained with --prompt-mode {model.prompt_mode}: its prompts come from its "
                                "own prompt generator, not from boxes. Use a run trained with --prompt-mode gt, or a "
                                f"base model ({', '.join(BASE_MODELS)}) for zero-shot box prompts")
-        self.run_model, self.plans, self.name = model, ckpt["plans"], str(path)
+        self.run_model, self.plans, self.name = model, run.plans, str(path)
 
     @property
     def mode(self) -> str:

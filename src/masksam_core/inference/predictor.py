@@ -141,18 +141,19 @@ class Predictor:
                  base_checkpoint: str | Path | None = None, amp: str = "auto",
                  query_chunk: int | None | str = "auto", compile: bool = False) -> None:
         from ..devices import autocast_dtype, select_device
-        from ..training.checkpoint import load_run
+        from ..runs import load_run
 
         self.device = device if isinstance(device, torch.device) else select_device(device)
-        self.model, ckpt = load_run(run_dir_or_checkpoint, base_checkpoint=base_checkpoint, device=self.device)
+        self.model, run = load_run(run_dir_or_checkpoint, base_checkpoint=base_checkpoint, device=self.device)
         if getattr(self.model, "prompt_mode", "auto") == "gt":
             raise MaskSAMError(
                 f"{run_dir_or_checkpoint} is a gt-mode run (trained with --prompt-mode gt): it segments from "
                 "prompts and cannot predict without them; use `masksam-core prompt` (box prompts) with it, or "
                 "train with --prompt-mode auto for automatic prediction"
             )
-        self.plans: dict[str, Any] = ckpt["plans"]
-        self.class_names: list[str] = [str(n) for n in ckpt["class_names"]]
+        self.plans: dict[str, Any] = run.plans
+        self.class_names: list[str] = [str(n) for n in run.class_names]
+        ckpt = run.to_dict()  # the saved dict, as tta_mirror_axes and training_config read it
         self.amp = autocast_dtype(self.device, amp, cpu_bf16=True)
         self.patch_size = tuple(int(p) for p in self.model.patch_size)
         self.mirror_axes = tta_mirror_axes(ckpt)

@@ -1,20 +1,11 @@
-"""Training checkpoints: small (trainable weights only), atomic, and enough to resume or predict.
+"""Training state: the run checkpoint a :class:`~.trainer.Trainer` saves, every RNG state, the metrics
+file, and atomic writes.
 
-A checkpoint is a dict saved with ``torch.save``:
-
-* ``format``: :data:`FORMAT`; ``kind``: ``"masksam-run"``;
-* ``model``: the trainable state (``MaskSAM.trainable_state_dict()``), never SAM's weights;
-* ``build``: the arguments that rebuild the network (preset, overrides, num_classes,
-  in_channels, prompt_mode);
-* ``base_weights``: name and sha256 of the frozen base weights it was trained on;
-* ``plans``: the preprocessing plans; ``class_names``;
-* ``optimizer``, ``scheduler``, ``scaler``, ``rng``: the training state;
-* ``rng_ranks``: under DDP, every rank's RNG state (rank order);
-* ``epoch`` (epochs finished), ``iteration`` (iterations finished in the current epoch),
-  ``partial`` (loss sums, iterations and seconds of that unfinished epoch),
-  ``best`` (best validation score so far), ``history`` (the metrics of every finished
-  epoch: ``metrics.jsonl`` is rewritten from it on resume), ``config`` (the training settings);
-* ``sam``: the frozen base weights only when they are random (``tiny``), else ``None``.
+The checkpoint is a run file (:class:`~masksam_core.runs.RunFile`, kind ``"masksam-run"``): the
+trainable weights, how to rebuild the network, the plans and class names, and the training state
+(optimiser, scheduler, scaler, every rank's RNG state, the epoch and iteration reached, the loss sums
+of an unfinished epoch, the best score, the history and the settings). Reading runs lives in
+:mod:`masksam_core.runs`.
 
 Files are written through :func:`masksam_core.files.atomic_save`, so a crash never leaves a
 half-written checkpoint. Files are read with ``weights_only=True``.
@@ -31,10 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import MaskSAMError
 from ..files import atomic_write_text
-
-FORMAT = 1
+from ..runs import FORMAT, RUN_KIND, BuildSpec, RunFile, base_weights_info
 
 
 
@@ -71,102 +60,41 @@ def _python_state_from_list(state: list) -> tuple:
     return (version, tuple(internal), gauss)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a run checkpoint (``weights_only=True``) with clear errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise MaskSAMError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise MaskSAMError(
-            f"cannot read checkpoint {path} ({type(error).__name__}: {error}); the file is corrupt or "
-            "not a MaskSAM checkpoint: use checkpoint_best.pt / checkpoint_last.pt of a run folder"
-        ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") not in ("masksam-run", "masksam-model"):
-        raise MaskSAMError(f"{path} is not a MaskSAM run checkpoint or model file (made by `masksam-core train` "
-                           "or `masksam-core export`)")
-    if ckpt.get("format", 0) > FORMAT:
-        raise MaskSAMError(f"{path} was written by a newer napari-masksam: upgrade the package to read it")
-    return ckpt
-
-
-def base_weights_info(sam: torch.nn.Module) -> dict[str, Any]:
-    """Name and sha256 of the frozen base weights a model was built on (``None``: random)."""
-    from .. import weights
-
-    source = getattr(sam, "weights", None)
-    if not source:
-        return {"name": sam.name, "sha256": None, "path": None}
-    name, path = source["name"], source["path"]
-    entry = weights.WEIGHTS.get(name)
-    if entry is not None and Path(path).stat().st_size == entry.size and weights.is_cached(name):
-        digest = entry.sha256
-    else:
-        digest = weights.sha256sum(path)
-    return {"name": name, "sha256": digest, "path": path}
-
-
-def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], *, strict: bool, source: Any) -> None:
-    """``module.load_state_dict`` with a clear error when a tensor's shape does not fit (a checkpoint made
-    with other settings, or a ``tiny`` run made by a version whose random backbone had other widths)."""
-    try:
-        module.load_state_dict(state, strict=strict)
-    except RuntimeError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        first = next((line for line in lines if "size mismatch" in line), lines[-1] if lines else str(error))
-        raise MaskSAMError(
-            f"{source} does not fit this model ({first}): it was made with other settings or by another "
-            "version of napari-masksam; train it again with this version"
-        ) from None
-
-
-def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: Any = "checkpoint") -> None:
-    """Load a trainable-only state dict; every non-SAM key must match exactly."""
-    expected = {k for k in model.state_dict() if not k.startswith("sam.")}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise MaskSAMError(
-            f"{source} does not fit this model ({len(missing)} missing, {len(unexpected)} unexpected "
-            f"parameters, e.g. {(missing + unexpected)[:3]}): was it trained with other settings?"
-        )
-    load_state(model, state, strict=False, source=source)
 
 
 def run_state(trainer: Any, data: Any, *, epoch: int, iteration: int, best: float, rngs: list[Any],
               partial: dict[str, Any] | None) -> dict[str, Any]:
-    """The checkpoint dict (module docstring) of a :class:`~.trainer.Trainer` and its ``DataBundle``;
-    ``rngs``: every rank's :func:`rng_state`."""
+    """The checkpoint dict (a run file's :meth:`~masksam_core.runs.RunFile.to_dict`) of a
+    :class:`~.trainer.Trainer` and its ``DataBundle``; ``rngs``: every rank's :func:`rng_state`."""
     sam = trainer.model.sam
-    return {
-        "kind": "masksam-run",
-        "format": FORMAT,
-        "model": trainer.model.trainable_state_dict(),
-        "build": {
-            "preset": trainer.preset.name,
-            "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in trainer.overrides.items()},
-            "num_classes": data.num_classes,
-            "in_channels": data.in_channels,
-            "prompt_mode": trainer.config.prompt_mode,
-        },
-        "base_weights": base_weights_info(sam),
+    return RunFile(
+        kind=RUN_KIND,
+        format=FORMAT,
+        model=trainer.model.trainable_state_dict(),
+        build=BuildSpec(
+            preset=trainer.preset.name,
+            overrides={k: list(v) if isinstance(v, tuple) else v for k, v in trainer.overrides.items()},
+            num_classes=data.num_classes,
+            in_channels=data.in_channels,
+            prompt_mode=trainer.config.prompt_mode,
+        ),
+        base_weights=base_weights_info(sam),
         # random base weights (the tiny backbone) cannot be fetched again: keep them
-        "sam": None if sam.weights else {k: v for k, v in sam.state_dict().items()},
-        "plans": data.plans,
-        "class_names": data.class_names,
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": {"epoch": epoch, "max_epochs": trainer.epochs, "base_lr": trainer.config.lr},
-        "scaler": trainer.scaler.state_dict(),
-        "rng": rngs[0],
-        "rng_ranks": rngs,
-        "epoch": epoch,
-        "iteration": iteration,
-        "partial": partial,
-        "best": best,
-        "history": trainer.history,
-        "config": json.loads(json.dumps(dataclasses.asdict(trainer.config), default=str)),
-    }
-
+        sam=None if sam.weights else {k: v for k, v in sam.state_dict().items()},
+        plans=data.plans,
+        class_names=data.class_names,
+        optimizer=trainer.optimizer.state_dict(),
+        scheduler={"epoch": epoch, "max_epochs": trainer.epochs, "base_lr": trainer.config.lr},
+        scaler=trainer.scaler.state_dict(),
+        rng=rngs[0],
+        rng_ranks=rngs,
+        epoch=epoch,
+        iteration=iteration,
+        partial=partial,
+        best=best,
+        history=trainer.history,
+        config=json.loads(json.dumps(dataclasses.asdict(trainer.config), default=str)),
+    ).to_dict()
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     """Write ``metrics.jsonl``: one JSON line per finished epoch, atomically (temporary file, rename)."""
@@ -187,52 +115,3 @@ def read_metrics(path: Path, epochs: int) -> list[dict[str, Any]]:
         if isinstance(row, dict) and 1 <= int(row.get("epoch", 0)) <= epochs:
             rows[int(row["epoch"])] = row
     return [rows[e] for e in sorted(rows)]
-
-
-def resolve_run(path: str | Path) -> Path:
-    """A run folder (its checkpoint_best.pt, else checkpoint_last.pt), a checkpoint or model file, or the
-    name of a bundled model (``abdomen-ct-lite``)."""
-    from ..models import find_model
-
-    path = find_model(path)
-    if path.is_dir():
-        for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
-            if (path / name).is_file():
-                return path / name
-        raise MaskSAMError(f"{path} holds no checkpoint_best.pt or checkpoint_last.pt: is it a training run folder?")
-    return path
-
-
-def load_run(path: str | Path, *, base_checkpoint: str | Path | None = None,
-             device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a trained MaskSAM from a run folder or checkpoint file, in eval mode.
-
-    The frozen base weights come from the weights cache (or ``base_checkpoint``) and must
-    have the sha256 recorded at training time; random base weights (``tiny``) are stored
-    in the checkpoint itself. Returns (model, checkpoint dict).
-    """
-    from .. import weights
-    from ..modeling import build_model
-
-    file = resolve_run(path)
-    ckpt = load_checkpoint(file)
-    build = ckpt["build"]
-    base = ckpt.get("base_weights") or {}
-    pretrained = ckpt.get("sam") is None
-    model = build_model(build["preset"], base_checkpoint, num_classes=build["num_classes"],
-                        in_channels=build["in_channels"], prompt_mode=build["prompt_mode"],
-                        pretrained=pretrained, **build["overrides"])
-    if pretrained:
-        src = model.sam.weights or {}
-        expected = base.get("sha256")
-        entry = weights.WEIGHTS.get(src.get("name", ""))
-        found = entry.sha256 if entry is not None and base_checkpoint is None else weights.sha256sum(src["path"])
-        if expected and found != expected:
-            raise MaskSAMError(
-                f"{file} was trained on base weights {base.get('name')} with sha256 {expected[:12]}..., but "
-                f"{src.get('path')} has sha256 {found[:12]}...: pass the original file with --base-checkpoint"
-            )
-    else:
-        load_state(model.sam, ckpt["sam"], strict=True, source=file)
-    load_trainable(model, ckpt["model"], source=file)
-    return model.to(device).eval(), ckpt

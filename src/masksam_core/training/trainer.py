@@ -29,6 +29,7 @@ from ..files import atomic_save, atomic_write_json
 from ..modeling import build_model, gt_prompts
 from ..modeling.presets import get_preset, slice_size
 from ..progress import relay
+from ..runs import RunFile, load_checkpoint, load_state, load_trainable
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .config import TrainConfig, check_ranges, resolve_config
@@ -68,7 +69,7 @@ class Trainer:
             overrides["num_queries"] = c.num_queries
         return overrides
 
-    def _build(self, data: Any, device: torch.device, saved: dict[str, Any] | None) -> None:
+    def _build(self, data: Any, device: torch.device, saved: RunFile | None) -> None:
         c = self.config
         self.preset = get_preset(c.preset)
         self.overrides = self._settings()
@@ -84,8 +85,8 @@ class Trainer:
             c.preset, c.base_checkpoint, num_classes=data.num_classes, in_channels=data.in_channels,
             prompt_mode=c.prompt_mode, progress=dist.is_main(), **self.overrides,
         ).to(device)
-        if saved is not None and saved.get("sam") is not None:  # random base weights (tiny) travel with the run
-            ckpt_io.load_state(self.model.sam, saved["sam"], strict=True, source=self.out / "checkpoint_last.pt")
+        if saved is not None and saved.sam is not None:  # random base weights (tiny) travel with the run
+            load_state(self.model.sam, saved.sam, strict=True, source=self.out / "checkpoint_last.pt")
         self.recompute_reason = None
         if c.grad_checkpointing is None and device.type == "cpu":
             from .memory import activation_bytes, available_memory, cpu_recompute_reason
@@ -111,7 +112,7 @@ class Trainer:
         if c.compile:  # the training forward through torch.compile (compiled on the first step)
             self.net = torch.compile(self.net)
 
-    def _start(self, last_path: Path) -> dict[str, Any] | None:
+    def _start(self, last_path: Path) -> RunFile | None:
         """Check RUN_DIR against --resume; resolve the settings; returns the checkpoint when resuming."""
         c = self.config
         check_output_folder(self.out, "--out")
@@ -122,22 +123,22 @@ class Trainer:
             )
         if c.resume and not last_path.exists():
             raise MaskSAMError(f"nothing to resume: {last_path} does not exist (drop --resume to start a new run)")
-        saved = ckpt_io.load_checkpoint(last_path) if c.resume else None
+        saved = load_checkpoint(last_path) if c.resume else None
         if saved is not None:
-            build = saved["build"]
-            preset = get_preset(build["preset"])
-            config = dict(saved.get("config") or {})  # the model's settings as built, the rest as configured
-            config.update(preset=preset.name, prompt_mode=build["prompt_mode"],
-                          patch_size=build["overrides"].get("patch_size", preset.patch_size),
-                          num_queries=build["overrides"].get("num_queries", preset.num_queries),
-                          sam_image_size=build["overrides"].get("sam_image_size", preset.sam_image_size))
+            build = saved.build
+            preset = get_preset(build.preset)
+            config = dict(saved.config or {})  # the model's settings as built, the rest as configured
+            config.update(preset=preset.name, prompt_mode=build.prompt_mode,
+                          patch_size=build.overrides.get("patch_size", preset.patch_size),
+                          num_queries=build.overrides.get("num_queries", preset.num_queries),
+                          sam_image_size=build.overrides.get("sam_image_size", preset.sam_image_size))
             self.config = resolve_config(c, config)
-            done, total = int(saved["epoch"]), int(saved["scheduler"]["max_epochs"])
+            done, total = int(saved.epoch or 0), int((saved.scheduler or {})["max_epochs"])
             if c.epochs is not None and c.epochs < done:
                 raise MaskSAMError(f"{self.out} has already trained {done} epochs: pass --epochs {done + 1} or "
                                    "more to extend it")
             self.epochs = total if c.epochs is None else c.epochs
-            self.history = list(saved.get("history") or ckpt_io.read_metrics(self.out / "metrics.jsonl", done))
+            self.history = list(saved.history or ckpt_io.read_metrics(self.out / "metrics.jsonl", done))
         else:
             self.config = resolve_config(c)
             self.epochs = get_preset(self.config.preset).epochs if c.epochs is None else c.epochs
@@ -164,13 +165,13 @@ class Trainer:
         np.random.seed(c.seed + rank)
 
         yield TrainEvent("setup", message=f"checking and preparing {c.dataset}")
-        data = prepare_data(c, self.out, patch_size=self._patch_size(), plans=saved and saved["plans"])
+        data = prepare_data(c, self.out, patch_size=self._patch_size(), plans=saved.plans if saved else None)
         (stop_now,) = dist.any_flags(self._stop)  # asked to stop while the data were prepared
         if stop_now:  # before the model is built (and its weights perhaps downloaded)
             dist.cleanup()
             kept = "the run's checkpoint is unchanged; continue with --resume" if saved is not None else \
                 "nothing was trained or saved; the preprocessed data are kept for the next start"
-            yield TrainEvent("stopped", int(saved["epoch"]) if saved else 0, self.epochs,
+            yield TrainEvent("stopped", int(saved.epoch or 0) if saved else 0, self.epochs,
                              message=f"{self._reason()} before training began: {kept}")
             return last_path
         self._build(data, device, saved)
@@ -337,17 +338,17 @@ class Trainer:
         ckpt_io.write_metrics(self.out / "metrics.jsonl", self.history)
         write_curves(self.out / "metrics.jsonl", self.out / "curves.png")
 
-    def _resume(self, state: dict[str, Any], rank: int, world: int) -> tuple[int, int, float, dict | None]:
+    def _resume(self, state: RunFile, rank: int, world: int) -> tuple[int, int, float, dict | None]:
         """Load weights, optimiser, scaler and RNG states; returns (epoch, iteration, best, partial)."""
-        ckpt_io.load_trainable(self.model, state["model"], source=self.out / "checkpoint_last.pt")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        rngs = state.get("rng_ranks") or [state["rng"]]
+        load_trainable(self.model, state.model, source=self.out / "checkpoint_last.pt")
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scaler.load_state_dict(state.scaler)
+        rngs = state.rng_ranks or [state.rng]
         ckpt_io.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
-        epoch, iteration = int(state["epoch"]), int(state["iteration"])
+        epoch, iteration = int(state.epoch or 0), int(state.iteration or 0)
         if iteration >= int(self.config.iters_per_epoch):
             raise MaskSAMError(f"the checkpoint stopped at iteration {iteration} of its epoch but an epoch has "
                                f"{self.config.iters_per_epoch}: resume with its --iters-per-epoch")
         if dist.is_main():
             ckpt_io.write_metrics(self.out / "metrics.jsonl", self.history)  # drops lines of epochs redone
-        return epoch, iteration, float(state["best"]), state.get("partial")
+        return epoch, iteration, float(state.best), state.partial
