@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.plans import Plans
 from ..devices import autocast_dtype, available_devices, compile_errors, reuse_freed_memory
 from ..errors import MaskSAMError, check_output_folder
 from ..modeling import build_model, gt_prompts
@@ -32,7 +33,7 @@ from ..modeling.presets import get_preset, slice_size
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .config import TrainConfig
-from .data_setup import patch_fit_note, prepare_data
+from .data_setup import DataBundle, patch_fit_note, prepare_data
 from .metrics import validate_on_main, write_curves
 
 @dataclass
@@ -82,7 +83,7 @@ class Trainer:
             overrides["num_queries"] = c.num_queries
         return overrides
 
-    def _build(self, data: Any, device: torch.device, saved: dict[str, Any] | None) -> None:
+    def _build(self, data: DataBundle, device: torch.device, saved: dict[str, Any] | None) -> None:
         c = self.config
         self.preset = get_preset(c.preset)
         self.overrides = self._settings()
@@ -178,7 +179,8 @@ class Trainer:
         np.random.seed(c.seed + rank)
 
         yield TrainEvent("setup", message=f"checking and preparing {c.dataset}")
-        data = prepare_data(c, self.out, patch_size=self._patch_size(), plans=saved and saved["plans"])
+        plans = Plans.from_dict(saved["plans"]) if saved is not None else None
+        data = prepare_data(c, self.out, patch_size=self._patch_size(), plans=plans)
         (stop_now,) = dist.any_flags(self._stop)  # asked to stop while the data were prepared
         if stop_now:  # before the model is built (and its weights perhaps downloaded)
             dist.cleanup()
@@ -190,7 +192,8 @@ class Trainer:
         self._build(data, device, saved)
         if data.note:
             yield TrainEvent("setup", message=data.note)
-        fit = patch_fit_note(self._patch_size(), data.plans["median_shape"])
+        stats = data.plans.stats
+        fit = patch_fit_note(self._patch_size(), stats.median_shape) if stats is not None else ""
         if fit and saved is None and c.patch_size is None and "patch_size" not in c.overrides:
             yield TrainEvent("setup", message=fit)
         start_epoch, start_iter, best, partial = 0, 0, -math.inf, None
@@ -326,7 +329,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def _validate(self, data: Any, device: torch.device, epoch: int,
+    def _validate(self, data: DataBundle, device: torch.device, epoch: int,
                   t0: float) -> Generator[TrainEvent, None, dict | None]:
         """``validation`` events (windows done of all) while rank 0 scores; None if a stop (or the time
         limit) cut it short."""
@@ -339,7 +342,7 @@ class Trainer:
                 return finished.value
             yield TrainEvent("validation", epoch, self.epochs, done, total)
 
-    def _save(self, data: Any, epoch: int, iteration: int, best: float, *, improved: bool = False,
+    def _save(self, data: DataBundle, epoch: int, iteration: int, best: float, *, improved: bool = False,
               partial: dict[str, Any] | None = None) -> None:
         """checkpoint_last.pt (and _best when improved), then metrics.jsonl and curves.png; rank 0 writes,
         every rank must call it (it gathers their RNG states)."""
