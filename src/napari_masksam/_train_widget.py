@@ -33,7 +33,7 @@ from ._worker import Job, on_close, run_job
 if TYPE_CHECKING:
     import napari
 
-    from masksam_core.training.trainer import TrainConfig, TrainEvent
+    from masksam_core.training.trainer import TrainConfig, Trainer, TrainEvent
 
 __all__ = ["TrainWidget", "TrainingPlot", "default_preset"]
 
@@ -112,7 +112,7 @@ class TrainWidget(Container):
 
         self._viewer = viewer
         self.job: Job | None = None
-        self.trainer: Any = None  # the running Trainer
+        self.trainer: Trainer | None = None  # the running one
         self._auto_out = True  # the output folder follows the source's name until the user picks one
         preset = default_preset()
         self.source = RadioButtons(label="train on", choices=[FOLDER, LAYERS], value=FOLDER, orientation="horizontal")

@@ -1,6 +1,6 @@
 """nnU-Net-style training augmentation, assembled from MONAI transforms.
 
-The paper's nine augmentations (METHOD.md, Training) with the probabilities, ranges and order of nnU-Net
+The paper's nine augmentations (docs/method.md, "Augmentation") with the probabilities, ranges and order of nnU-Net
 v2's default ``get_training_transforms`` (batchgeneratorsv2); resampling, filtering and intensity maths
 are MONAI's. Defaults (:class:`AugmentConfig`), p per sample:
 

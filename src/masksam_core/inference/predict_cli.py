@@ -32,12 +32,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..devices import AMP_CHOICES, AMP_HELP, DEVICE_CHOICES
 from ..errors import MaskSAMError, check_output_folder
+
+if TYPE_CHECKING:
+    from .predictor import Predictor
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff")
@@ -227,7 +230,7 @@ def write_probabilities(path: Path, probabilities: np.ndarray, class_names: list
         tmp.unlink(missing_ok=True)
 
 
-def predict_case(predictor: Any, case: Case, out_dir: Path, args: argparse.Namespace) -> list[Path]:
+def predict_case(predictor: Predictor, case: Case, out_dir: Path, args: argparse.Namespace) -> list[Path]:
     """Read, predict and write one case; returns the files written."""
     from tqdm.auto import tqdm
 
