@@ -121,11 +121,11 @@ class Predictor:
         device: ``auto`` (CUDA, then MPS, then CPU), ``cuda``, ``cuda:N``, ``mps`` or ``cpu``.
         base_checkpoint: local file with the frozen base SAM weights the run was trained on.
         amp: autocast dtype: ``auto`` (bf16 on CUDA and on CPUs with native bf16, AVX512-BF16 or
-            AMX, where it is about 1.5× faster for ``lite``; fp32 elsewhere), ``bf16``, ``fp16`` or
+            AMX, where it is faster for ``lite``: docs/benchmarks.md; fp32 elsewhere), ``bf16``, ``fp16`` or
             ``off`` (fp32). bf16 probabilities stay within about 1e-2 (relative L2) of fp32 (tested).
         query_chunk: queries per mask-decoder call (see :meth:`MaskSAM.forward`); ``auto``:
-            :data:`CPU_QUERY_CHUNK` on the CPU (a ``lite`` window then peaks at 1.6 GiB instead of
-            3.0 GiB in bf16, at the same speed), all at once elsewhere. The results do not depend on it.
+            :data:`CPU_QUERY_CHUNK` on the CPU (about half the peak memory of a ``lite`` window at the
+            same speed: docs/benchmarks.md), all at once elsewhere. The results do not depend on it.
         compile: run the network through ``torch.compile`` (inductor). The first window batch
             then waits for the compilation (tens of seconds to minutes); later ones can be faster
             on GPUs (on the CPU it did not pay: docs/benchmarks.md). The results equal the plain
