@@ -281,29 +281,6 @@ def test_load_plans_errors(tmp_path):
         load_plans(bad)
 
 
-def test_plans_dicts_survive_the_typed_form(ct_dataset):
-    """plans.json and the plans stored in checkpoints stay exactly the same dicts (keys, order, types)."""
-    import torch
-
-    import masksam_core
-
-    fresh = make_plans(ct_dataset, fingerprint_dataset(ct_dataset, progress=False), "tiny").to_dict()
-    bundled = torch.load(Path(masksam_core.__file__).parent / "assets" / "abdomen-ct-lite.pt", map_location="cpu",
-                         weights_only=True)["plans"]
-    for plans in (fresh, bundled, dict(fresh, mirror_axes=[0, 1, 2]), dict(fresh, mirror_axes=[])):
-        assert json.dumps(Plans.from_dict(plans).to_dict()) == json.dumps(plans)
-    assert json.loads(json.dumps(fresh)) == fresh  # JSON-able as it stands
-    assert Plans.from_dict(bundled).stats.median_shape == tuple(bundled["median_shape"])
-    with pytest.raises(PlansError, match="lack.*'num_classes'"):
-        Plans.from_dict({k: v for k, v in fresh.items() if k != "num_classes"})
-    with pytest.raises(PlansError, match="unknown entries.*'extra'"):
-        Plans.from_dict(dict(fresh, extra=1))
-    with pytest.raises(PlansError, match="only part of"):
-        Plans.from_dict({k: v for k, v in fresh.items() if k != "num_cases"})
-    with pytest.raises(PlansError, match="malformed"):
-        Plans.from_dict(dict(fresh, separate_z={"threshold": 3.0}))
-
-
 # --------------------------------------------------------------------------- cache
 
 
