@@ -83,7 +83,8 @@ class Resampling:
 @dataclass(frozen=True)
 class DataStats:
     """What planning found in the data set: median spacing, median shape at the target spacing,
-    anisotropy (and its axis) and the number of cases. Informative only; plans written by hand lack it."""
+    anisotropy (and its axis) and the number of cases. It feeds the patch-size hint and the check that a
+    resumed run's data set is the same; plans written by hand (tests, benchmarks) may lack it."""
 
     median_spacing: tuple[float, ...]
     median_shape: tuple[float, ...]
