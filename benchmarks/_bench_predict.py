@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +50,13 @@ def synthetic_ct(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     return volume
 
 
-def identity_plans(spacing: tuple[float, float, float], class_names: list[str]) -> dict[str, Any]:
-    """Plans of a one-channel CT run whose target spacing is ``spacing`` (no resampling)."""
+def identity_plans(spacing: tuple[float, float, float], class_names: list[str], preset: str,
+                   patch_size: Sequence[int]) -> dict[str, Any]:
+    """Plans (plans.json's dict) of a one-channel CT run of ``preset`` whose target spacing is ``spacing``
+    (no resampling)."""
     return {
-        "version": 1, "dataset_name": "Dataset000_Benchmark", "target_spacing": [float(s) for s in spacing],
+        "version": 1, "dataset_name": "Dataset000_Benchmark", "preset": preset,
+        "patch_size": [int(p) for p in patch_size], "target_spacing": [float(s) for s in spacing],
         "separate_z": {"threshold": 3.0, "image_order": 3, "image_order_z": 0, "label_order": 1,
                        "label_order_z": 0, "probability_order": 1, "probability_order_z": 0},
         "normalization": [{"channel": 0, "channel_name": "CT", "scheme": "ct", "mean": 40.0, "std": 200.0,
@@ -85,7 +88,7 @@ def write_run(preset: str, folder: Path, spacing: tuple[float, float, float],
                   "prompt_mode": "auto"},
         "base_weights": {"name": p.backbone, "sha256": None, "path": None},
         "sam": {k: v.cpu() for k, v in model.sam.state_dict().items()},
-        "plans": identity_plans(spacing, names), "class_names": names,
+        "plans": identity_plans(spacing, names, preset, p.patch_size), "class_names": names,
     }, folder / "checkpoint_last.pt")
     return folder
 
@@ -181,6 +184,7 @@ def masksam_item(predictors: Predictors, preset: str, volume: np.ndarray, *, tta
 def nnunet_item(plan: Any, volume: np.ndarray, spacing: tuple[float, float, float], device: torch.device,
                 amp: torch.dtype | None, *, tta: bool, window_batch: int, num_classes: int = 14) -> dict[str, Any]:
     """nnU-Net's 3d_fullres ``PlainConvUNet`` over the normalised ``volume`` with the same sliding window."""
+    from masksam_core.data.plans import Plans
     from masksam_core.data.preprocess import preprocess_image
     from masksam_core.inference.predictor import accumulation_device
     from masksam_core.inference.sliding_window import sliding_window
@@ -200,7 +204,8 @@ def nnunet_item(plan: Any, volume: np.ndarray, spacing: tuple[float, float, floa
     names = ["background"] + [f"class{i}" for i in range(1, num_classes)]
     baseline = reset_peak_memory(device)
     start = time.perf_counter()
-    pre = torch.from_numpy(preprocess_image(volume[None], spacing, identity_plans(spacing, names)))
+    plans = Plans.from_dict(identity_plans(spacing, names, "nnunet-3d_fullres", patch))
+    pre = torch.from_numpy(preprocess_image(volume[None], spacing, plans))
     preprocess_s = time.perf_counter() - start
     padded = [max(n, p) for n, p in zip(pre.shape[1:], patch)]
     on = accumulation_device(device, num_classes + 1, padded)

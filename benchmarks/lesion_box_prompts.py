@@ -1,6 +1,6 @@
 """Zero-shot box prompts on the five lesion scans of ../shared/data/Dataset503_Lesions.
 
-Protocol (as the reference LiteMedSAM measurement in METHOD.md): on every slice that contains
+Protocol (as the reference LiteMedSAM measurement quoted in docs/benchmarks.md): on every slice that contains
 lesion, one box = the slice's lesion bounding box + 2 px on each side (clipped to the image),
 given to ``BoxPrompter`` (default model ``lite``) as a one-slice box. Reported per scan: the mean
 of the per-slice Dice scores, their range, and the 3D Dice of the stacked slice masks against the

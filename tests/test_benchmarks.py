@@ -89,7 +89,7 @@ def test_encoder_flops_match_hand_count(bench):
 
     expected = _vit_flops(1024, 16, 768, 12, 14, (2, 5, 8, 11))
     assert encoder_flops("vit_b", 1024) == expected
-    assert expected / 1e9 == pytest.approx(972.08, abs=0.01)  # METHOD.md: ViT-B 1024² 972 GFLOP
+    assert expected / 1e9 == pytest.approx(972.08, abs=0.01)  # docs/benchmarks.md: ViT-B 1024² 972 GFLOP
 
 
 def test_nnunet_plan_for_default_ct(bench):

@@ -107,7 +107,7 @@ def assert_object_on_its_voxels(labels, mask):
 
 def test_tiny_run_anisotropic_input_comes_back_on_its_grid(tiny_run):
     predictor = Predictor(tiny_run, device="cpu")
-    assert predictor.class_names == ["background", "object", "other"] and predictor.plans["target_spacing"][0] == 2.0
+    assert predictor.class_names == ["background", "object", "other"] and predictor.plans.target_spacing[0] == 2.0
     volume = np.random.default_rng(0).normal(300, 100, (2, 40, 36)).astype(np.float32)  # → (5, 27, 24): 4 windows
     result = predictor.predict(volume, (5.0, 1.0, 1.0), tta=False, batch_size=4, return_probabilities=True)
     assert result.labels.shape == volume.shape and result.labels.dtype == np.uint8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,9 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from masksam_core.data.fingerprint import fingerprint_dataset
 from masksam_core.data.plans import (
-    PLANS_VERSION, PlansError, compute_new_shape, determine_target_spacing, fingerprint_dataset, load_plans,
-    make_plans, save_plans,
+    PLANS_VERSION, Plans, PlansError, compute_new_shape, determine_target_spacing, load_plans, make_plans, save_plans,
 )
 from masksam_core.data.preprocess import (
     normalize_image, preprocess_dataset, preprocess_image, preprocess_labels, resample_image, resample_labels,
@@ -193,8 +194,13 @@ def test_resample_to_shape_is_linear_and_keeps_probabilities():
 def _bare_plans(target, num_classes=3, normalization=None):
     from masksam_core.data.plans import RESAMPLING
 
-    return {"target_spacing": list(target), "separate_z": dict(RESAMPLING), "num_classes": num_classes,
-            "normalization": normalization or [{"channel": 0, "channel_name": "MR", "scheme": "zscore"}]}
+    normalization = normalization or [{"channel": 0, "channel_name": "MR", "scheme": "zscore"}]
+    return Plans.from_dict({
+        "version": PLANS_VERSION, "dataset_name": "t", "preset": "tiny", "patch_size": [4, 64, 64],
+        "target_spacing": list(target), "separate_z": dict(RESAMPLING), "normalization": normalization,
+        "channel_names": {str(n["channel"]): n["channel_name"] for n in normalization},
+        "in_channels": len(normalization), "class_names": [f"c{i}" for i in range(num_classes)],
+        "num_classes": num_classes})
 
 
 def test_fingerprint_and_ct_normalisation(ct_dataset):
@@ -214,13 +220,13 @@ def test_fingerprint_and_ct_normalisation(ct_dataset):
     assert stats["percentile_00_5"] >= all_fg.min() and stats["percentile_99_5"] <= all_fg.max() < 1000
 
     plans = make_plans(ct_dataset, fp, "tiny")
-    norm = plans["normalization"][0]
-    assert norm["scheme"] == "ct" and norm["lower"] == stats["percentile_00_5"]
+    norm = plans.normalization[0]
+    assert norm.scheme == "ct" and norm.lower == stats["percentile_00_5"]
     rng = np.random.default_rng(4)
     image = rng.normal(0, 500, size=(1, 6, 7, 8)).astype(np.float32)
-    ref = (np.clip(image.astype(np.float64), norm["lower"], norm["upper"]) - norm["mean"]) / norm["std"]
+    ref = (np.clip(image.astype(np.float64), norm.lower, norm.upper) - norm.mean) / norm.std
     np.testing.assert_allclose(normalize_image(image, plans), ref, rtol=1e-5, atol=1e-5)
-    same_grid = dict(plans, target_spacing=[2.0, 1.0, 1.0])
+    same_grid = replace(plans, target_spacing=(2.0, 1.0, 1.0))
     np.testing.assert_allclose(preprocess_image(image, (2.0, 1.0, 1.0), same_grid), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -243,15 +249,15 @@ def test_zscore_for_non_ct_channels():
 
 def test_plans_keys_and_roundtrip(ct_dataset, tmp_path):
     plans = make_plans(ct_dataset, fingerprint_dataset(ct_dataset, progress=False), "tiny")
-    assert plans["target_spacing"] == pytest.approx([2.25, 1.0, 1.0]) and plans["anisotropic"] is False
-    assert plans["patch_size"] == [4, 64, 64] and plans["preset"] == "tiny"
-    assert plans["class_names"] == ["background", "organ", "lesion"] and plans["num_classes"] == 3
-    assert plans["in_channels"] == 1 and plans["channel_names"] == {"0": "ct"}
+    assert plans.target_spacing == pytest.approx((2.25, 1.0, 1.0)) and plans.stats.anisotropic is False
+    assert plans.patch_size == (4, 64, 64) and plans.preset == "tiny"
+    assert plans.class_names == ("background", "organ", "lesion") and plans.num_classes == 3
+    assert plans.in_channels == 1 and plans.channel_names == {"0": "ct"}
     # median over cases of round(shape * spacing / target): z (11, 11) -> 11, y (24, 22) -> 23, x (20, 24) -> 22
-    assert plans["median_shape"] == [11.0, 23.0, 22.0]
+    assert plans.stats.median_shape == (11.0, 23.0, 22.0)
     path = tmp_path / "run" / "plans.json"
     save_plans(plans, path)
-    assert load_plans(path) == plans and plans["version"] == PLANS_VERSION
+    assert load_plans(path) == plans and plans.version == PLANS_VERSION
     with pytest.raises(PlansError, match="in_channels"):
         make_plans(ct_dataset, fingerprint_dataset(ct_dataset, progress=False), "tiny", in_channels=2)
 
@@ -311,7 +317,7 @@ def test_preprocess_dataset_cache(ct_dataset, tmp_path):
     preprocess_dataset(ct_dataset, plans, cache, progress=False)
     assert first[0].labels.is_file()
 
-    new_plans = dict(plans, target_spacing=[3.0, 2.0, 2.0])  # changed plans rebuild everything
+    new_plans = replace(plans, target_spacing=(3.0, 2.0, 2.0))  # changed plans rebuild everything
     rebuilt = preprocess_dataset(ct_dataset, new_plans, cache, progress=False)
     assert all(_mtimes(rebuilt)[p] != after_touch[p] for p in after_touch)
     assert np.load(rebuilt[0].labels).shape == compute_new_shape((12, 24, 20), (2.0, 1.0, 1.0), (3.0, 2.0, 2.0))
@@ -339,10 +345,10 @@ def test_real_ct_dataset(shared_data, tmp_path):
     spec = load_spec(shared_data / "Dataset501_AbdomenCT")
     fp = fingerprint_dataset(spec, progress=False)
     plans = make_plans(spec, fp, "lite")
-    assert plans["target_spacing"] == pytest.approx([3.0, 3.0, 3.0], abs=1e-3) and not plans["anisotropic"]
-    norm = plans["normalization"][0]
-    assert norm["scheme"] == "ct" and -1024 <= norm["lower"] < norm["mean"] < norm["upper"] <= 3000
-    assert -300 < norm["lower"] < 50 < norm["upper"] < 600  # soft-tissue organs and the aorta in HU
+    assert plans.target_spacing == pytest.approx((3.0, 3.0, 3.0), abs=1e-3) and not plans.stats.anisotropic
+    norm = plans.normalization[0]
+    assert norm.scheme == "ct" and -1024 <= norm.lower < norm.mean < norm.upper <= 3000
+    assert -300 < norm.lower < 50 < norm.upper < 600  # soft-tissue organs and the aorta in HU
     (case,) = preprocess_dataset(spec, plans, tmp_path / "cache", progress=False)
     image, labels = np.load(case.image, mmap_mode="r"), np.load(case.labels, mmap_mode="r")
     assert np.isfinite(image).all() and image.shape == (1, *labels.shape)
@@ -352,11 +358,11 @@ def test_real_ct_dataset(shared_data, tmp_path):
     # voxels, so its statistics approximate the exact ones (the stomach's gas makes the low tail wide).
     raw = nib.load(str(spec.cases[0].images[0])).get_fdata().transpose(2, 1, 0)
     raw_fg = raw[np.asarray(nib.load(str(spec.cases[0].label)).dataobj).transpose(2, 1, 0) > 0]
-    assert norm["mean"] == pytest.approx(raw_fg.mean(), abs=5)
-    assert norm["upper"] == pytest.approx(np.percentile(raw_fg, 99.5), abs=5)
-    assert raw_fg.min() <= norm["lower"] < np.median(raw_fg)
+    assert norm.mean == pytest.approx(raw_fg.mean(), abs=5)
+    assert norm.upper == pytest.approx(np.percentile(raw_fg, 99.5), abs=5)
+    assert raw_fg.min() <= norm.lower < np.median(raw_fg)
     # nnU-Net's CT scheme: clip, then z-score with the mean/std of the UNCLIPPED foreground
-    ref = (np.clip(raw_fg, norm["lower"], norm["upper"]) - norm["mean"]) / norm["std"]
+    ref = (np.clip(raw_fg, norm.lower, norm.upper) - norm.mean) / norm.std
     assert fg.mean() == pytest.approx(ref.mean(), abs=1e-4) and fg.std() == pytest.approx(ref.std(), abs=1e-4)
     # so the foreground is centred but its std is below 1 (clipping removes the gas tail the std was taken on)
     assert abs(fg.mean()) < 0.1 and 0.3 < fg.std() <= 1.0
@@ -365,9 +371,9 @@ def test_real_ct_dataset(shared_data, tmp_path):
 def test_an_implausible_voxel_size_is_a_clear_error():
     from masksam_core.data.preprocess import _target_shape
 
-    plans = {"target_spacing": [3.0, 1.0, 1.0]}
-    assert _target_shape((40, 200, 200), (3.0, 0.5, 0.5), plans) == (40, 100, 100)
+    target = [3.0, 1.0, 1.0]
+    assert _target_shape((40, 200, 200), (3.0, 0.5, 0.5), target) == (40, 100, 100)
     with pytest.raises(MaskSAMError, match=r"becomes \(0, 0, 0\) voxels .* the voxel size looks wrong"):
-        _target_shape((40, 200, 200), (0.003, 0.001, 0.001), plans)  # micrometres written as millimetres
+        _target_shape((40, 200, 200), (0.003, 0.001, 0.001), target)  # micrometres written as millimetres
     with pytest.raises(MaskSAMError, match="voxel size looks wrong"):
-        _target_shape((40, 200, 200), (300.0, 100.0, 100.0), plans)  # 100x upsampling in every axis
+        _target_shape((40, 200, 200), (300.0, 100.0, 100.0), target)  # 100x upsampling in every axis

@@ -419,7 +419,7 @@ def test_augmentation_follows_the_patch_shape_as_nnunet(phantom, tmp_path, patch
     config = resolve_config(TrainConfig(str(phantom), str(tmp_path / "run"), preset="tiny", patch_size=patch,
                                         val_fraction=0, num_workers=0))
     data = prepare_data(config, tmp_path / "run", patch_size=patch)
-    assert data.plans["anisotropic"] is False
+    assert data.plans.stats.anisotropic is False
     spatial = data.transforms.steps[0][1]
     assert spatial.anisotropic is dummy_2d
     assert (data.transforms.input_size[0] == patch[0]) is dummy_2d
@@ -440,10 +440,10 @@ def test_augmentation_setting_reaches_the_loader(phantom, tmp_path):
     assert not any(name.startswith("mirror") for name, _ in data.transforms.steps)
     assert data.transforms.steps[1][1].prob == 0.1  # noise as nnU-Net
     # test-time augmentation mirrors only where training did (nnU-Net's inference_allowed_mirroring_axes)
-    assert data.plans["mirror_axes"] == [] == load_plans(tmp_path / "run" / "plans.json")["mirror_axes"]
+    assert data.plans.mirror_axes == () == load_plans(tmp_path / "run" / "plans.json").mirror_axes
     full = resolve_config(TrainConfig(str(phantom), str(tmp_path / "full"), preset="tiny", patch_size=(2, 64, 64),
                                       val_fraction=0, num_workers=0))
-    assert prepare_data(full, tmp_path / "full", patch_size=(2, 64, 64)).plans["mirror_axes"] == [0, 1, 2]
+    assert prepare_data(full, tmp_path / "full", patch_size=(2, 64, 64)).plans.mirror_axes == (0, 1, 2)
 
 
 def test_a_smaller_patch_scales_the_slice_sam_sees(phantom, tmp_path):

@@ -18,7 +18,7 @@ from .errors import MaskSAMError
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 AMP_HELP = ("mixed precision: auto = bf16 on CUDA GPUs and on CPUs with native bf16 (AVX512-BF16 or AMX; "
-            "about 1.5x faster there, probabilities within about 1e-2 of fp32), fp32 elsewhere")
+            "faster there, probabilities within about 1e-2 of fp32), fp32 elsewhere")
 
 
 def distributed_env() -> tuple[int, int, int]:

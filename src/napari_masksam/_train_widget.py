@@ -37,6 +37,8 @@ from ._worker import Job, run_job
 if TYPE_CHECKING:
     import napari
 
+    from masksam_core.training.trainer import Trainer
+
 __all__ = ["TrainWidget", "default_preset"]
 
 FOLDER, LAYERS = "data-set folder", "open layers"
@@ -60,7 +62,7 @@ class TrainWidget(Container):
 
         self._viewer = viewer
         self.job: Job | None = None
-        self.trainer: Any = None  # the running Trainer
+        self.trainer: Trainer | None = None  # the running one
         self._auto_out = True  # the output folder follows the source's name until the user picks one
         preset = default_preset()
         self.source = RadioButtons(label="train on", choices=[FOLDER, LAYERS], value=FOLDER, orientation="horizontal")

@@ -1,6 +1,6 @@
 """nnU-Net-style training augmentation, assembled from MONAI transforms.
 
-The paper's nine augmentations (METHOD.md, Training) with the probabilities, ranges and order of nnU-Net
+The paper's nine augmentations (docs/method.md, "Augmentation") with the probabilities, ranges and order of nnU-Net
 v2's default ``get_training_transforms`` (batchgeneratorsv2); resampling, filtering and intensity maths
 are MONAI's. Defaults (:class:`AugmentConfig`), p per sample:
 
@@ -187,7 +187,7 @@ class TrainTransforms:
     def set_random_state(self, seed: int) -> TrainTransforms:
         """Seed every random step with its own seed derived from ``seed``; same seed → same output.
 
-        The generators are reseeded in place (50x cheaper than MONAI's new generator per step).
+        The generators are reseeded in place (far cheaper than MONAI's new generator per step: docs/benchmarks.md).
         """
         self._master.seed(int(seed) % MAX_SEED)
         for t, s in zip(self._random, self._master.randint(MAX_SEED, size=len(self._random), dtype=np.int64)):

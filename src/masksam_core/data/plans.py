@@ -1,15 +1,8 @@
-"""Data set fingerprint and ``plans.json``, following nnU-Net v2's planning rules.
+"""``plans.json`` and its typed form :class:`Plans`, following nnU-Net v2's planning rules.
 
-The fingerprint holds every case's spacing and shape and, per image channel,
-statistics of the intensities inside the labels (foreground = label > 0). As in
-nnU-Net, a fixed number of foreground voxels is drawn per case (with
-replacement, seed 1234 for every case, so the result does not depend on the
-order or parallelism of the cases) and the statistics are taken over all draws
-pooled, so that every case weighs the same. Unlike nnU-Net the images are not
-cropped to their non-zero region first: the shapes are the full image shapes.
-
-The plans fix everything preprocessing, training and prediction must agree on:
-the target spacing (nnU-Net's rule, see :func:`determine_target_spacing`), the
+The plans are made from the data set's fingerprint (:mod:`.fingerprint`). They
+fix everything preprocessing, training and prediction must agree on: the target
+spacing (nnU-Net's rule, see :func:`determine_target_spacing`), the
 normalisation per channel, the resampling orders, the preset's patch size and
 the class names. Arrays are (Z, Y, X) and spacings (sz, sy, sx) throughout.
 """
@@ -18,19 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import MaskSAMError
 from ..files import atomic_write_json
 
+if TYPE_CHECKING:
+    from .dataset import DatasetSpec
+
 PLANS_VERSION = 1
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD
-FOREGROUND_SAMPLES_PER_CASE = 10_000
-FINGERPRINT_SEED = 1234
 # resampling orders as in nnU-Net's default planner: images 3rd-order spline, labels
 # one-hot linear, probabilities linear; order 0 (nearest) along a separate (anisotropic) axis
 RESAMPLING = {
@@ -43,112 +38,131 @@ REQUIRED_KEYS = (
     "version", "dataset_name", "preset", "target_spacing", "patch_size", "normalization",
     "class_names", "num_classes", "in_channels", "channel_names", "separate_z",
 )
+STATS_KEYS = ("median_spacing", "median_shape", "anisotropic", "anisotropy_axis", "num_cases")
 
 
 class PlansError(MaskSAMError):
     """A plans file or the data it is made from cannot be used."""
 
 
-# --------------------------------------------------------------------------- reading
+# --------------------------------------------------------------------------- the plans
 
 
-def read_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """One image file as an array (Z, Y, X) and its spacing (sz, sy, sx) in mm."""
-    from ..io import read_image
+@dataclass(frozen=True)
+class Normalization:
+    """How one channel is normalised: ``ct`` (clip to [lower, upper], then (x - mean) / std with the
+    data set's foreground statistics) or ``zscore`` (each image's own mean and std; no statistics)."""
 
-    array, geometry = read_image(path)
-    return np.asarray(array), tuple(float(s) for s in geometry.spacing)  # type: ignore[return-value]
+    channel: int
+    channel_name: str
+    scheme: str
+    mean: float | None = None
+    std: float | None = None
+    lower: float | None = None
+    upper: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plans.json entry: the statistics only where the scheme has them."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def read_case(case: Any) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
-    """A case's channels stacked to (C, Z, Y, X) float32, its labels (Z, Y, X) int16 or None, its spacing.
+@dataclass(frozen=True)
+class Resampling:
+    """Spline orders of the resampling (``separate_z`` in plans.json): images, labels (one-hot) and
+    probabilities, in plane and along an axis whose spacing is ``threshold`` times the others'."""
 
-    The spacing is the first channel's. Raises :class:`PlansError` when channels
-    or labels do not share one shape, or the labels are not integers.
+    threshold: float
+    image_order: int
+    image_order_z: int
+    label_order: int
+    label_order_z: int
+    probability_order: int
+    probability_order_z: int
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """What planning found in the data set: median spacing, median shape at the target spacing,
+    anisotropy (and its axis) and the number of cases. It feeds the patch-size hint and the check that a
+    resumed run's data set is the same; plans written by hand (tests, benchmarks) may lack it."""
+
+    median_spacing: tuple[float, ...]
+    median_shape: tuple[float, ...]
+    anisotropic: bool
+    anisotropy_axis: int | None
+    num_cases: int
+
+
+@dataclass(frozen=True)
+class Plans:
+    """The contents of ``plans.json`` (also stored in checkpoints), typed.
+
+    :meth:`from_dict` and :meth:`to_dict` convert exactly: ``Plans.from_dict(d).to_dict() == d``
+    for every plans dict this package writes, so files and checkpoints keep their format.
+    ``mirror_axes`` (the axes training mirrored, hence the test-time mirroring) is absent from
+    plans made before augmentation levels existed.
     """
-    arrays = []
-    spacing: tuple[float, float, float] | None = None
-    for path in case.images:
-        array, spc = read_volume(Path(path))
-        if array.ndim != 3:
-            raise PlansError(f"{path}: expected a 3D volume, got shape {array.shape}; store one 3D volume per file")
-        if arrays and array.shape != arrays[0].shape:
-            raise PlansError(f"case {case.id}: channel {path} has shape {array.shape}, channel 0 has "
-                             f"{arrays[0].shape}; all channels of a case must share one voxel grid")
-        spacing = spacing or spc
-        arrays.append(array.astype(np.float32, copy=False))
-    if not arrays or spacing is None:
-        raise PlansError(f"case {case.id} has no image files; check imagesTr and dataset.json channel_names")
-    image = np.stack(arrays)
-    if not np.isfinite(image).all():
-        raise PlansError(f"case {case.id}: the image has NaN or infinite voxels; fix or remove them "
-                         f"(masksam-core check lists such files)")
-    labels = None
-    if case.label is not None:
-        raw, _ = read_volume(Path(case.label))
-        if raw.shape != image.shape[1:]:
-            raise PlansError(f"case {case.id}: labels {case.label} have shape {raw.shape} but the image has "
-                             f"{image.shape[1:]}; labels must lie on the image's voxel grid")
-        if not np.issubdtype(raw.dtype, np.integer) and not np.array_equal(raw, np.rint(raw)):
-            raise PlansError(f"{case.label}: label values are not integers; save labels as integer classes")
-        if raw.size and (raw.min() < 0 or raw.max() > np.iinfo(np.int16).max):
-            raise PlansError(f"{case.label}: label values must lie in 0..32767, found {raw.min()}..{raw.max()}")
-        labels = raw.astype(np.int16)
-    return image, labels, spacing
 
+    version: int
+    dataset_name: str
+    preset: str
+    patch_size: tuple[int, ...]
+    target_spacing: tuple[float, ...]
+    separate_z: Resampling
+    normalization: tuple[Normalization, ...]
+    channel_names: dict[str, str]
+    in_channels: int
+    class_names: tuple[str, ...]
+    num_classes: int
+    stats: DataStats | None = None
+    mirror_axes: tuple[int, ...] | None = None
 
-# --------------------------------------------------------------------------- fingerprint
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plans:
+        """Plans from a plans.json or checkpoint dict; :class:`PlansError` when entries are missing or unknown."""
+        missing = [k for k in REQUIRED_KEYS if k not in data]
+        unknown = sorted(set(data) - set(REQUIRED_KEYS) - set(STATS_KEYS) - {"mirror_axes"})
+        if missing or unknown:
+            raise PlansError(f"the plans lack {missing} or hold unknown entries {unknown}; plan again")
+        has_stats = [k in data for k in STATS_KEYS]
+        if any(has_stats) and not all(has_stats):
+            raise PlansError(f"the plans hold only part of {list(STATS_KEYS)}; plan again")
+        stats = DataStats(
+            median_spacing=tuple(data["median_spacing"]), median_shape=tuple(data["median_shape"]),
+            anisotropic=data["anisotropic"], anisotropy_axis=data["anisotropy_axis"], num_cases=data["num_cases"],
+        ) if all(has_stats) else None
+        mirror = data.get("mirror_axes")
+        try:
+            return cls(
+                version=data["version"], dataset_name=data["dataset_name"], preset=data["preset"],
+                patch_size=tuple(data["patch_size"]), target_spacing=tuple(data["target_spacing"]),
+                separate_z=Resampling(**data["separate_z"]),
+                normalization=tuple(Normalization(**n) for n in data["normalization"]),
+                channel_names=dict(data["channel_names"]), in_channels=data["in_channels"],
+                class_names=tuple(data["class_names"]), num_classes=data["num_classes"],
+                stats=stats, mirror_axes=None if mirror is None else tuple(mirror),
+            )
+        except TypeError as error:  # a nested entry with missing or unknown keys
+            raise PlansError(f"the plans' resampling or normalisation entries are malformed ({error}); plan again") \
+                from None
 
-
-def _intensity_stats(samples: np.ndarray) -> dict[str, float | int | None]:
-    """Statistics of pooled foreground samples (1D); all None when there are none."""
-    names = ("mean", "std", "median", "min", "max", "percentile_00_5", "percentile_99_5")
-    if samples.size == 0:
-        return {**dict.fromkeys(names), "num_samples": 0}
-    s = samples.astype(np.float64)
-    values = (s.mean(), s.std(), np.median(s), s.min(), s.max(), np.percentile(s, 0.5), np.percentile(s, 99.5))
-    return {**{n: float(v) for n, v in zip(names, values)}, "num_samples": int(s.size)}
-
-
-def foreground_samples(image: np.ndarray, labels: np.ndarray | None, num_samples: int, seed: int) -> np.ndarray:
-    """``num_samples`` foreground intensities per channel, drawn with replacement: (C, num_samples) or (C, 0)."""
-    if labels is None or not (mask := labels > 0).any():
-        return np.zeros((image.shape[0], 0), np.float32)
-    rng = np.random.RandomState(seed)
-    return np.stack([rng.choice(channel[mask], num_samples, replace=True) for channel in image])
-
-
-def fingerprint_dataset(spec: Any, *, progress: bool = True,
-                        samples_per_case: int = FOREGROUND_SAMPLES_PER_CASE,
-                        seed: int = FINGERPRINT_SEED) -> dict[str, Any]:
-    """The data set's fingerprint (JSON-able).
-
-    Keys: ``dataset_name``, ``case_ids``, ``spacings`` [[sz, sy, sx], ...], ``shapes``
-    [[Z, Y, X], ...], ``samples_per_case``, ``seed`` and
-    ``foreground_intensity`` {channel index (str): {mean, std, median, min, max,
-    percentile_00_5, percentile_99_5, num_samples}} (None values when no case has
-    foreground). Cases without a label file count for spacing and shape only.
-    """
-    from tqdm.auto import tqdm
-
-    if not spec.cases:
-        raise PlansError(f"data set {spec.name!r} has no cases; put images in imagesTr (see dataset.json)")
-    spacings, shapes, samples = [], [], []
-    for case in tqdm(spec.cases, desc=f"fingerprint {spec.name}", disable=not progress, unit="case"):
-        image, labels, spacing = read_case(case)
-        spacings.append([float(s) for s in spacing])
-        shapes.append([int(s) for s in image.shape[1:]])
-        samples.append(foreground_samples(image, labels, samples_per_case, seed))
-    pooled = np.concatenate(samples, axis=1)
-    return {
-        "dataset_name": spec.name,
-        "case_ids": [case.id for case in spec.cases],
-        "spacings": spacings,
-        "shapes": shapes,
-        "samples_per_case": samples_per_case,
-        "seed": seed,
-        "foreground_intensity": {str(c): _intensity_stats(pooled[c]) for c in range(pooled.shape[0])},
-    }
+    def to_dict(self) -> dict[str, Any]:
+        """The plans.json dict (JSON-able, key order as :func:`make_plans` writes it)."""
+        data: dict[str, Any] = {
+            "version": self.version, "dataset_name": self.dataset_name, "preset": self.preset,
+            "patch_size": list(self.patch_size), "target_spacing": list(self.target_spacing),
+        }
+        if self.stats is not None:
+            data.update(median_spacing=list(self.stats.median_spacing), median_shape=list(self.stats.median_shape),
+                        anisotropic=self.stats.anisotropic, anisotropy_axis=self.stats.anisotropy_axis)
+        data.update(separate_z=asdict(self.separate_z), normalization=[n.to_dict() for n in self.normalization],
+                    channel_names=dict(self.channel_names), in_channels=self.in_channels,
+                    class_names=list(self.class_names), num_classes=self.num_classes)
+        if self.stats is not None:
+            data["num_cases"] = self.stats.num_cases
+        if self.mirror_axes is not None:
+            data["mirror_axes"] = list(self.mirror_axes)
+        return data
 
 
 # --------------------------------------------------------------------------- planning
@@ -190,7 +204,7 @@ def determine_target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequen
     return [float(t) for t in target], axis
 
 
-def _class_names(spec: Any) -> list[str]:
+def _class_names(spec: DatasetSpec) -> list[str]:
     """Class names indexed by label value; labels must be the integers 0..N-1."""
     by_value: dict[int, str] = {}
     for name, value in spec.labels.items():
@@ -204,26 +218,24 @@ def _class_names(spec: Any) -> list[str]:
     return [by_value[v] for v in range(len(by_value))]
 
 
-def _normalization(channel: int, name: str, stats: dict[str, Any] | None) -> dict[str, Any]:
+def _normalization(channel: int, name: str, stats: dict[str, Any] | None) -> Normalization:
     """Normalisation of one channel: ``ct`` (clip + global z-score) for CT, else per-image ``zscore``."""
     if name.strip().lower() != "ct":
-        return {"channel": channel, "channel_name": name, "scheme": "zscore"}
+        return Normalization(channel, name, "zscore")
     if not stats or not stats.get("num_samples"):
         raise PlansError(f"channel {channel} ({name}) is CT but no case has foreground labels to take its "
                          f"intensity statistics from; add label files with at least one labelled voxel")
-    return {
-        "channel": channel, "channel_name": name, "scheme": "ct",
-        "mean": stats["mean"], "std": stats["std"],
-        "lower": stats["percentile_00_5"], "upper": stats["percentile_99_5"],
-    }
+    return Normalization(channel, name, "ct", mean=stats["mean"], std=stats["std"],
+                         lower=stats["percentile_00_5"], upper=stats["percentile_99_5"])
 
 
-def make_plans(spec: Any, fingerprint: dict[str, Any], preset: str, *, in_channels: int | None = None) -> dict:
-    """The plans for training ``preset`` on the data set (JSON-able; see the module docstring).
+def make_plans(spec: DatasetSpec, fingerprint: dict[str, Any], preset: str, *,
+               in_channels: int | None = None) -> Plans:
+    """The plans for training ``preset`` on the data set (see the module docstring).
 
     Args:
-        spec: the data set (``masksam_core.data.dataset.DatasetSpec``).
-        fingerprint: from :func:`fingerprint_dataset`.
+        spec: the data set.
+        fingerprint: from :func:`~masksam_core.data.fingerprint.fingerprint_dataset`.
         preset: preset name; gives ``patch_size`` (T, H, W).
         in_channels: image channels; must equal the data set's number of channels (default).
     """
@@ -245,35 +257,30 @@ def make_plans(spec: Any, fingerprint: dict[str, Any], preset: str, *, in_channe
     new_shapes = [compute_new_shape(sh, sp, target) for sh, sp in zip(shapes, spacings)]
     stats = fingerprint.get("foreground_intensity", {})
     class_names = _class_names(spec)
-    return {
-        "version": PLANS_VERSION,
-        "dataset_name": spec.name,
-        "preset": p.name,
-        "patch_size": [int(v) for v in p.patch_size],
-        "target_spacing": target,
-        "median_spacing": [float(v) for v in np.median(np.asarray(spacings, float), axis=0)],
-        "median_shape": [float(v) for v in np.median(np.asarray(new_shapes, float), axis=0)],
-        "anisotropic": axis is not None,
-        "anisotropy_axis": axis,
-        "separate_z": dict(RESAMPLING),
-        "normalization": [_normalization(int(c), n, stats.get(c)) for c, n in channel_names.items()],
-        "channel_names": channel_names,
-        "in_channels": in_channels,
-        "class_names": class_names,
-        "num_classes": len(class_names),
-        "num_cases": len(spacings),
-    }
+    data_stats = DataStats(
+        median_spacing=tuple(float(v) for v in np.median(np.asarray(spacings, float), axis=0)),
+        median_shape=tuple(float(v) for v in np.median(np.asarray(new_shapes, float), axis=0)),
+        anisotropic=axis is not None, anisotropy_axis=axis, num_cases=len(spacings),
+    )
+    return Plans(
+        version=PLANS_VERSION, dataset_name=spec.name, preset=p.name,
+        patch_size=tuple(int(v) for v in p.patch_size), target_spacing=tuple(target),
+        separate_z=Resampling(**RESAMPLING),
+        normalization=tuple(_normalization(int(c), n, stats.get(c)) for c, n in channel_names.items()),
+        channel_names=channel_names, in_channels=in_channels,
+        class_names=tuple(class_names), num_classes=len(class_names), stats=data_stats,
+    )
 
 
 # --------------------------------------------------------------------------- files
 
 
-def save_plans(plans: dict, path: str | Path) -> None:
+def save_plans(plans: Plans, path: str | Path) -> None:
     """Save plans as JSON, atomically."""
-    atomic_write_json(path, plans, indent=1, newline=False, allow_nan=False)
+    atomic_write_json(path, plans.to_dict(), indent=1, newline=False, allow_nan=False)
 
 
-def load_plans(path: str | Path) -> dict:
+def load_plans(path: str | Path) -> Plans:
     """Read and check a plans file; :class:`PlansError` if missing, corrupt or of another format version."""
     path = Path(path)
     if not path.is_file():
@@ -291,11 +298,12 @@ def load_plans(path: str | Path) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in plans]
     if missing:
         raise PlansError(f"plans file {path} lacks {', '.join(missing)}; delete it and plan again")
-    return plans
+    return Plans.from_dict(plans)
 
 
-def preprocessing_key(plans: dict) -> str:
+def preprocessing_key(plans: Plans) -> str:
     """Hash of the plans entries that change preprocessed data (spacing, normalisation, resampling, classes)."""
     keys = ("version", "target_spacing", "normalization", "separate_z", "in_channels", "num_classes")
-    blob = json.dumps({k: plans.get(k) for k in keys}, sort_keys=True)
+    data = plans.to_dict()
+    blob = json.dumps({k: data[k] for k in keys}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -38,13 +38,17 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
 from ..files import atomic_save_npy, atomic_write_json
-from .plans import ANISOTROPY_THRESHOLD, PlansError, compute_new_shape, preprocessing_key, read_case
+from .fingerprint import read_case
+from .plans import ANISOTROPY_THRESHOLD, Plans, PlansError, compute_new_shape, preprocessing_key
+
+if TYPE_CHECKING:
+    from .dataset import Case, DatasetSpec
 
 CACHE_VERSION = 1
 CLASS_LOCATIONS_PER_CLASS = 4_000
@@ -76,27 +80,27 @@ class PreprocessedCase:
 # --------------------------------------------------------------------------- normalisation
 
 
-def normalize_image(image: np.ndarray, plans: dict) -> np.ndarray:
+def normalize_image(image: np.ndarray, plans: Plans) -> np.ndarray:
     """Normalise each channel of ``image`` (C, Z, Y, X) as the plans say; returns float32 (C, Z, Y, X).
 
     ``ct``: clip to the foreground [0.5, 99.5] percentiles, subtract the foreground
     mean, divide by the foreground std. ``zscore``: subtract this image's mean and
     divide by its std, over all voxels of the channel.
     """
-    schemes = plans["normalization"]
+    schemes = plans.normalization
     if image.ndim != 4 or image.shape[0] != len(schemes):
         raise PlansError(f"image has shape {image.shape}; expected (C, Z, Y, X) with C = {len(schemes)} channels "
-                         f"as in the plans ({plans.get('channel_names')})")
+                         f"as in the plans ({plans.channel_names})")
     out = np.empty(image.shape, np.float32)
     for c, norm in enumerate(schemes):
         channel = image[c].astype(np.float32)
-        if norm["scheme"] == "ct":
-            np.clip(channel, norm["lower"], norm["upper"], out=channel)
-            mean, std = norm["mean"], norm["std"]
-        elif norm["scheme"] == "zscore":
+        if norm.scheme == "ct":
+            np.clip(channel, norm.lower, norm.upper, out=channel)
+            mean, std = norm.mean, norm.std
+        elif norm.scheme == "zscore":
             mean, std = channel.mean(dtype=np.float64), channel.std(dtype=np.float64)
         else:
-            raise PlansError(f"unknown normalisation scheme {norm['scheme']!r} in the plans; plan again")
+            raise PlansError(f"unknown normalisation scheme {norm.scheme!r} in the plans; plan again")
         out[c] = (channel - np.float32(mean)) / np.float32(max(float(std), 1e-8))
     return out
 
@@ -187,39 +191,39 @@ def resample_to_shape(array: np.ndarray, shape: Sequence[int], *, current_spacin
 # --------------------------------------------------------------------------- one case
 
 
-def _target_shape(shape: Sequence[int], spacing: Sequence[float], plans: dict) -> tuple[int, ...]:
+def _target_shape(shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]) -> tuple[int, ...]:
+    """The shape at ``target_spacing``; :class:`PlansError` when ``spacing`` is implausible for it."""
     if len(spacing) != 3 or min(spacing) <= 0:
         raise PlansError(f"spacing {tuple(spacing)} must be three positive numbers (sz, sy, sx) in mm")
-    new = compute_new_shape(shape, spacing, plans["target_spacing"])
+    new = compute_new_shape(shape, spacing, target_spacing)
     if min(new) < 1 or max(n / max(int(o), 1) for n, o in zip(new, shape)) > 64:
-        target = tuple(float(t) for t in plans["target_spacing"])
+        target = tuple(float(t) for t in target_spacing)
         raise PlansError(f"at {tuple(float(s) for s in spacing)} mm per voxel this {tuple(int(n) for n in shape)} scan "
                          f"becomes {new} voxels at the model's {target} mm: the voxel size looks wrong (micrometres or "
                          "centimetres stored as millimetres?); fix it in the file's header (or the TIFF sidecar)")
     return new
 
 
-def preprocess_image(image: np.ndarray, spacing: Sequence[float], plans: dict) -> np.ndarray:
+def preprocess_image(image: np.ndarray, spacing: Sequence[float], plans: Plans) -> np.ndarray:
     """Normalise, then resample ``image`` (C, Z, Y, X) at ``spacing`` to the plans' spacing; float32 (C, Z', Y', X')."""
     normalized = normalize_image(image, plans)
-    r = plans["separate_z"]
-    return resample_image(normalized, _target_shape(image.shape[1:], spacing, plans), spacing,
-                          plans["target_spacing"], order=r["image_order"], order_z=r["image_order_z"],
-                          threshold=r["threshold"])
+    r = plans.separate_z
+    return resample_image(normalized, _target_shape(image.shape[1:], spacing, plans.target_spacing), spacing,
+                          plans.target_spacing, order=r.image_order, order_z=r.image_order_z, threshold=r.threshold)
 
 
-def preprocess_labels(labels: np.ndarray, spacing: Sequence[float], plans: dict) -> np.ndarray:
+def preprocess_labels(labels: np.ndarray, spacing: Sequence[float], plans: Plans) -> np.ndarray:
     """Resample ``labels`` (Z, Y, X) at ``spacing`` to the plans' spacing; int16 (Z', Y', X'), no new values."""
     if labels.ndim != 3:
         raise PlansError(f"labels must be (Z, Y, X), got shape {labels.shape}")
     values = np.unique(labels)
-    bad = values[(values < 0) | (values >= plans["num_classes"])]
+    bad = values[(values < 0) | (values >= plans.num_classes)]
     if bad.size:
-        raise PlansError(f"label values {bad.tolist()} are not classes of the plans (0..{plans['num_classes'] - 1}); "
+        raise PlansError(f"label values {bad.tolist()} are not classes of the plans (0..{plans.num_classes - 1}); "
                          f"add them to dataset.json labels or fix the label file")
-    r = plans["separate_z"]
-    return resample_labels(labels, _target_shape(labels.shape, spacing, plans), spacing, plans["target_spacing"],
-                           order=r["label_order"], order_z=r["label_order_z"], threshold=r["threshold"])
+    r = plans.separate_z
+    return resample_labels(labels, _target_shape(labels.shape, spacing, plans.target_spacing), spacing,
+                           plans.target_spacing, order=r.label_order, order_z=r.label_order_z, threshold=r.threshold)
 
 
 def class_locations(labels: np.ndarray, num_classes: int, *, per_class: int = CLASS_LOCATIONS_PER_CLASS,
@@ -247,7 +251,7 @@ def _paths(cache_dir: Path, case_id: str) -> PreprocessedCase:
     return PreprocessedCase(case_id, cache_dir / f"{case_id}_image.npy", cache_dir / f"{case_id}_labels.npy")
 
 
-def case_key(case: Any, plans_key: str) -> str:
+def case_key(case: Case, plans_key: str) -> str:
     """Cache key of a case: the plans' preprocessing key and each source file's path, size and mtime_ns."""
     files = []
     for path in [*case.images, case.label]:
@@ -261,11 +265,13 @@ def case_key(case: Any, plans_key: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def build_case(case: Any, plans: dict, cache_dir: Path) -> str:
+def build_case(case: Case, plans: Plans, cache_dir: Path) -> str:
     """Read, preprocess and write one case to ``cache_dir`` (each file atomically); returns the case id."""
     image, labels, spacing = read_case(case)
     out = _paths(cache_dir, case.id)
     pre_image = preprocess_image(image, spacing, plans)
+    if labels is None:
+        raise PlansError(f"case {case.id} has no label file; preprocessing is for training, which needs labels")
     pre_labels = preprocess_labels(labels, spacing, plans)
     atomic_save_npy(out.image, pre_image)
     atomic_save_npy(out.labels, pre_labels)
@@ -273,9 +279,9 @@ def build_case(case: Any, plans: dict, cache_dir: Path) -> str:
         "id": case.id,
         "original_spacing": [float(s) for s in spacing],
         "original_shape": [int(s) for s in image.shape[1:]],
-        "spacing": [float(s) for s in plans["target_spacing"]],
+        "spacing": [float(s) for s in plans.target_spacing],
         "shape": [int(s) for s in pre_labels.shape],
-        "class_locations": class_locations(pre_labels, plans["num_classes"]),
+        "class_locations": class_locations(pre_labels, plans.num_classes),
     }, indent=1, newline=False, allow_nan=False)
     return case.id
 
@@ -297,7 +303,7 @@ def _write_index(cache_dir: Path, cases: dict[str, str]) -> None:
                       indent=1, newline=False, allow_nan=False)
 
 
-def preprocess_dataset(spec: Any, plans: dict, cache_dir: str | Path, *, progress: bool = True,
+def preprocess_dataset(spec: DatasetSpec, plans: Plans, cache_dir: str | Path, *, progress: bool = True,
                        num_workers: int = 1) -> list[PreprocessedCase]:
     """Preprocess every case of ``spec`` into ``cache_dir``, reusing cases whose data and plans are unchanged.
 

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.plans import Plans
 from ..devices import AMP_CHOICES, AMP_HELP, DEVICE_CHOICES, autocast_dtype, select_device
 from ..errors import MaskSAMError
 from ..modeling.backbone import SamBackbone
@@ -147,7 +148,7 @@ class BoxPrompter:
         self.amp = autocast_dtype(self.device, amp, cpu_bf16=True)
         self.sam: SamBackbone | None = None
         self.run_model: torch.nn.Module | None = None
-        self.plans: dict | None = None
+        self.plans: Plans | None = None
         if isinstance(model, SamBackbone):
             self.sam, self.name = model, model.name
         elif str(model) in BASE_MODELS:
@@ -171,7 +172,7 @@ class BoxPrompter:
             raise MaskSAMError(f"{path} was trained with --prompt-mode {model.prompt_mode}: its prompts come from its "
                                "own prompt generator, not from boxes. Use a run trained with --prompt-mode gt, or a "
                                f"base model ({', '.join(BASE_MODELS)}) for zero-shot box prompts")
-        self.run_model, self.plans, self.name = model, run.plans, str(path)
+        self.run_model, self.plans, self.name = model, Plans.from_dict(run.plans), str(path)
 
     @property
     def mode(self) -> str:
@@ -232,15 +233,15 @@ class BoxPrompter:
 
         model, plans = self.run_model, self.plans
         assert model is not None and plans is not None
-        channels = int(plans["in_channels"])
+        channels = plans.in_channels
         image = volume[None] if volume.ndim == 3 and channels == 1 else volume
         if image.ndim != 4 or image.shape[0] != channels:
-            raise MaskSAMError(f"this run takes {channels} channel(s) {list(plans['channel_names'].values())}: give "
+            raise MaskSAMError(f"this run takes {channels} channel(s) {list(plans.channel_names.values())}: give "
                                f"a (C, Z, Y, X) volume with C = {channels}, got shape {volume.shape}")
         if spacing is None or len(spacing) != 3 or min(spacing) <= 0:
-            raise MaskSAMError(f"a run resamples to its spacing {plans['target_spacing']}: pass the volume's spacing "
-                               f"(sz, sy, sx) in mm, got {spacing}")
-        shape, target = image.shape[1:], plans["target_spacing"]
+            raise MaskSAMError(f"a run resamples to its spacing {list(plans.target_spacing)}: pass the volume's "
+                               f"spacing (sz, sy, sx) in mm, got {spacing}")
+        shape, target = image.shape[1:], plans.target_spacing
         prepared = preprocess_image(image.astype(np.float32), spacing, plans)
         rects = np.zeros((len(boxes), *shape), dtype=np.float32)
         for rect, (z0, z1, y0, x0, y1, x1) in zip(rects, boxes):

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from ..devices import AMP_CHOICES, AMP_HELP, DEVICE_CHOICES, distributed_env
 from ..errors import MaskSAMError, check_output_folder
 from ..files import TIFF_SUFFIXES, atomic_write, is_image_name, split_suffix
 from ..progress import drive
+
+if TYPE_CHECKING:
+    from .predictor import Predictor
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -206,7 +209,7 @@ def write_probabilities(path: Path, probabilities: np.ndarray, class_names: list
         raise MaskSAMError(f"{path}: cannot write ({error}); check the folder is writable and has space") from None
 
 
-def predict_case(predictor: Any, case: Case, out_dir: Path, args: argparse.Namespace) -> list[Path]:
+def predict_case(predictor: Predictor, case: Case, out_dir: Path, args: argparse.Namespace) -> list[Path]:
     """Read, predict and write one case; returns the files written."""
     from tqdm.auto import tqdm
 

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.plans import Plans
 from ..devices import compile_errors, reuse_freed_memory
 from ..errors import MaskSAMError
 from ..progress import drive, relay
@@ -121,18 +122,18 @@ class Predictor:
         device: ``auto`` (CUDA, then MPS, then CPU), ``cuda``, ``cuda:N``, ``mps`` or ``cpu``.
         base_checkpoint: local file with the frozen base SAM weights the run was trained on.
         amp: autocast dtype: ``auto`` (bf16 on CUDA and on CPUs with native bf16, AVX512-BF16 or
-            AMX, where it is about 1.5× faster for ``lite``; fp32 elsewhere), ``bf16``, ``fp16`` or
+            AMX, where it is faster for ``lite``: docs/benchmarks.md; fp32 elsewhere), ``bf16``, ``fp16`` or
             ``off`` (fp32). bf16 probabilities stay within about 1e-2 (relative L2) of fp32 (tested).
         query_chunk: queries per mask-decoder call (see :meth:`MaskSAM.forward`); ``auto``:
-            :data:`CPU_QUERY_CHUNK` on the CPU (a ``lite`` window then peaks at 1.6 GiB instead of
-            3.0 GiB in bf16, at the same speed), all at once elsewhere. The results do not depend on it.
+            :data:`CPU_QUERY_CHUNK` on the CPU (about half the peak memory of a ``lite`` window at the
+            same speed: docs/benchmarks.md), all at once elsewhere. The results do not depend on it.
         compile: run the network through ``torch.compile`` (inductor). The first window batch
             then waits for the compilation (tens of seconds to minutes); later ones can be faster
             on GPUs (on the CPU it did not pay: docs/benchmarks.md). The results equal the plain
             network's within float rounding (tested). Needs a C++ compiler on the CPU (Triton on
             CUDA); a failure is a clear error.
 
-    Attributes: ``class_names`` (C names), ``plans`` (the run's plans dict), ``model``,
+    Attributes: ``class_names`` (C names), ``plans`` (the run's :class:`~masksam_core.data.plans.Plans`), ``model``,
     ``device``, ``patch_size`` (T, H, W), ``in_channels``, ``mirror_axes`` (what ``tta`` mirrors),
     ``training_config`` (the run's ``masksam-core train`` settings; empty when unknown).
     """
@@ -151,14 +152,14 @@ class Predictor:
                 "prompts and cannot predict without them; use `masksam-core prompt` (box prompts) with it, or "
                 "train with --prompt-mode auto for automatic prediction"
             )
-        self.plans: dict[str, Any] = run.plans
+        self.plans = Plans.from_dict(run.plans)
         self.class_names: list[str] = [str(n) for n in run.class_names]
         ckpt = run.to_dict()  # the saved dict, as tta_mirror_axes and training_config read it
         self.amp = autocast_dtype(self.device, amp, cpu_bf16=True)
         self.patch_size = tuple(int(p) for p in self.model.patch_size)
         self.mirror_axes = tta_mirror_axes(ckpt)
         self.training_config: dict[str, Any] = training_config(ckpt)  # how the run was trained, if known
-        self.in_channels = int(self.plans.get("in_channels", len(self.plans["normalization"])))
+        self.in_channels = self.plans.in_channels
         if query_chunk == "auto":
             query_chunk = CPU_QUERY_CHUNK if self.device.type == "cpu" else None
         if query_chunk is not None and (not isinstance(query_chunk, int) or query_chunk < 1):
@@ -248,7 +249,7 @@ class Predictor:
             raise MaskSAMError(f"expected a volume (Z, Y, X) or (C, Z, Y, X), got shape {array.shape}")
         if array.shape[0] != self.in_channels:
             raise MaskSAMError(f"the volume has {array.shape[0]} channel(s) but the run was trained on "
-                               f"{self.in_channels} ({self.plans.get('channel_names')}); give (C, Z, Y, X) with "
+                               f"{self.in_channels} ({self.plans.channel_names}); give (C, Z, Y, X) with "
                                "those channels, in that order")
         if min(array.shape[1:]) < 1:
             raise MaskSAMError(f"the volume of shape {array.shape} is empty")
@@ -272,10 +273,9 @@ class Predictor:
         Resampled one class at a time, so that without probabilities only three (Z, Y, X)
         arrays are held besides the scores.
         """
-        from ..data.plans import RESAMPLING
         from ..data.preprocess import resample_to_shape
 
-        r = {**RESAMPLING, **self.plans.get("separate_z", {})}
+        r = self.plans.separate_z
         shape = tuple(int(s) for s in shape)
         dtype = np.uint8 if scores.shape[0] <= 256 else np.int16
         labels = np.zeros(shape, dtype)
@@ -283,9 +283,9 @@ class Predictor:
         probabilities = np.empty((scores.shape[0], *shape), np.float32) if return_probabilities else None
         for c in range(scores.shape[0]):
             _check_cancel(cancel)
-            channel = resample_to_shape(scores[c : c + 1], shape, current_spacing=self.plans["target_spacing"],
-                                        new_spacing=spacing, order=r["probability_order"],
-                                        order_z=r["probability_order_z"], threshold=r["threshold"])[0]
+            channel = resample_to_shape(scores[c : c + 1], shape, current_spacing=self.plans.target_spacing,
+                                        new_spacing=spacing, order=r.probability_order,
+                                        order_z=r.probability_order_z, threshold=r.threshold)[0]
             better = channel > best
             labels[better] = c
             np.maximum(best, channel, out=best)

@@ -75,7 +75,7 @@ class FinalConv(nn.Module):
         b, q, t, h, w = x.shape
         v = x.reshape(b * q, 1, t, h, w)
         hidden = self.conv_in(v)
-        if hidden.device.type == "cpu":  # channel-last maps: oneDNN's 16 → 1 convolution is 2.5x faster on them
+        if hidden.device.type == "cpu":  # channel-last maps: oneDNN's 16 → 1 convolution is faster (docs/benchmarks.md)
             hidden = hidden.contiguous(memory_format=torch.channels_last_3d)
         r = self.conv_out(self.upsample(hidden))
         size = (t, self.out_size, self.out_size)

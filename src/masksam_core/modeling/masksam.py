@@ -30,7 +30,7 @@ from .heads import FinalConv, FirstConv, mask_boxes, order_box, semantic_scores
 from .prompt_generator import PromptGenerator
 
 PROMPT_MODES = ("auto", "gt")
-DECODER_WIDTHS = (256, 256, 128, 128, 64, 64)  # deepest first (METHOD: 64,64,128,128,256,256)
+DECODER_WIDTHS = (256, 256, 128, 128, 64, 64)  # deepest first (docs/method.md, "Prompt generator")
 CHECKPOINT_QUERY_CHUNK = 4  # queries per recomputed decoder call under gradient checkpointing
 
 

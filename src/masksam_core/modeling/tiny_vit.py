@@ -346,8 +346,8 @@ def build_lite_image_encoder(*, img_size: int = 256) -> TinyViT:
 
     Its convolution weights are channel-last (``torch.channels_last``; loading weights keeps that):
     the attention stages hand their convolutions channel-last tokens, and oneDNN's CPU kernels then
-    skip the layout conversions (the encoder runs about 18% faster in bf16 and 8% in fp32 on
-    2 AVX-512 cores; same results to float rounding, tested).
+    skip the layout conversions (a faster encoder on the CPU, docs/benchmarks.md; same results to
+    float rounding, tested).
     """
     return TinyViT(img_size=img_size, in_chans=3, embed_dims=(64, 128, 160, 320), depths=(2, 2, 6, 2),
                    num_heads=(2, 4, 5, 10), window_sizes=(7, 7, 14, 7), mlp_ratio=4.0,

@@ -81,7 +81,7 @@ def run_state(trainer: Any, data: Any, *, epoch: int, iteration: int, best: floa
         base_weights=base_weights_info(sam),
         # random base weights (the tiny backbone) cannot be fetched again: keep them
         sam=None if sam.weights else {k: v for k, v in sam.state_dict().items()},
-        plans=data.plans,
+        plans=data.plans.to_dict(),
         class_names=data.class_names,
         optimizer=trainer.optimizer.state_dict(),
         scheduler={"epoch": epoch, "max_epochs": trainer.epochs, "base_lr": trainer.config.lr},

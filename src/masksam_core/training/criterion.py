@@ -1,7 +1,7 @@
 """The Mask2Former-style set criterion of MaskSAM, per slice.
 
 ``SetCriterion.forward`` returns UNWEIGHTED named losses; one weight table
-(:data:`LOSS_WEIGHTS`, METHOD.md's weights) turns them into the training loss
+(:data:`LOSS_WEIGHTS`, docs/method.md, "Matcher and losses") turns them into the training loss
 with :func:`weighted_total`:
 
 ======================  ======  =====================================================

@@ -10,10 +10,10 @@ last ``val_fraction`` of the slices).
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,20 +21,25 @@ import torch
 from ..data.augment import TrainTransforms, augmentation_settings, build_train_transforms, is_anisotropic
 from ..data.dataset import load_checked_dataset
 from ..data.loader import CaseFiles, make_train_loader
-from ..data.plans import fingerprint_dataset, load_plans, make_plans, save_plans
+from ..data.fingerprint import fingerprint_dataset
+from ..data.plans import Plans, load_plans, make_plans, save_plans
 from ..data.preprocess import PreprocessedCase, class_locations, preprocess_dataset
 from ..errors import MaskSAMError
 from ..files import atomic_save_npy
 from . import distributed as dist
 
+if TYPE_CHECKING:
+    from ..data.dataset import DatasetSpec
+    from .config import TrainConfig
+
 
 @dataclass
 class DataBundle:
-    plans: dict[str, Any]
+    plans: Plans
     class_names: list[str]
     num_classes: int
     in_channels: int
-    train_cases: list[Any]
+    train_cases: list[PreprocessedCase | CaseFiles]
     val_volumes: list[tuple[np.ndarray, np.ndarray]]  # (C, Z, Y, X) image, (Z, Y, X) labels
     loader: Callable[..., Iterable[dict[str, Any]]]
     transforms: TrainTransforms | None = None  # the training augmentation the loader applies
@@ -73,7 +78,7 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def patch_fit_note(patch_size: tuple[int, int, int], median_shape: Any) -> str:
+def patch_fit_note(patch_size: tuple[int, int, int], median_shape: Sequence[float]) -> str:
     """A hint when the patch's slices are far larger than the data's (median, after resampling).
 
     Such patches are mostly padding and every slice goes through SAM at the patch's size, so a
@@ -94,7 +99,7 @@ def patch_fit_note(patch_size: tuple[int, int, int], median_shape: Any) -> str:
             f"runs {(h // side) ** 2}x fewer pixels through SAM per slice (SAM's input shrinks with it)")
 
 
-def check_same_dataset(spec: Any, plans: dict[str, Any], out: Path, cache: Path) -> str:
+def check_same_dataset(spec: DatasetSpec, plans: Plans, out: Path, cache: Path) -> str:
     """A resumed run trains on the data set it began with: the same classes and channels, and,
     where the folder's name changed (moved or copied), the same cases (those of the run's
     preprocessed ``cache``, else their number). Raises MaskSAMError naming what differs; returns a
@@ -106,18 +111,18 @@ def check_same_dataset(spec: Any, plans: dict[str, Any], out: Path, cache: Path)
     classes = _class_names(spec)
     channels = {str(k): str(v) for k, v in spec.channel_names.items()}
     what = None
-    if plans.get("class_names") is not None and list(plans["class_names"]) != classes:
-        what = f"has the classes {list(plans['class_names'])}, this data set {classes}"
-    elif plans.get("channel_names") is not None and dict(plans["channel_names"]) != channels:
-        what = f"has the channels {dict(plans['channel_names'])}, this data set {channels}"
-    was, now = plans.get("dataset_name"), spec.name
-    if what is None and was is not None and was != now:
+    if list(plans.class_names) != classes:
+        what = f"has the classes {list(plans.class_names)}, this data set {classes}"
+    elif dict(plans.channel_names) != channels:
+        what = f"has the channels {dict(plans.channel_names)}, this data set {channels}"
+    was, now = plans.dataset_name, spec.name
+    if what is None and was != now:
         ids = sorted(c.id for c in spec.cases)
         try:
             before = sorted(json.loads((cache / "cache.json").read_text(encoding="utf-8"))["cases"])
         except (OSError, ValueError, KeyError, TypeError):
             before = None
-        same = ids == before if before is not None else len(ids) == plans.get("num_cases")
+        same = ids == before if before is not None else plans.stats is not None and len(ids) == plans.stats.num_cases
         if not same:
             listed = ", ".join(before[:5]) + (", ..." if len(before) > 5 else "") if before else ""
             what = f"was trained on {was}, not {now}" + (f" (its cases: {listed})" if listed else "")
@@ -127,8 +132,8 @@ def check_same_dataset(spec: Any, plans: dict[str, Any], out: Path, cache: Path)
     return f"the data set is now {now} (the run began on {was}, with the same cases)" if was != now else ""
 
 
-def _plans(config: Any, spec: Any, out: Path, plans: dict[str, Any] | None,
-           patch_size: tuple[int, int, int]) -> dict[str, Any]:
+def _plans(config: TrainConfig, spec: DatasetSpec, out: Path, plans: Plans | None,
+           patch_size: tuple[int, int, int]) -> Plans:
     """The run's plans: given (resuming: the checkpoint's), else made and saved by rank 0, then read."""
     plans_path = out / "plans.json"
     if plans is not None:
@@ -137,19 +142,19 @@ def _plans(config: Any, spec: Any, out: Path, plans: dict[str, Any] | None,
             save_plans(plans, plans_path)
         return plans
     if dist.is_main():
-        plans = make_plans(spec, fingerprint_dataset(spec, progress=True), config.preset)
-        plans["patch_size"] = list(patch_size)
+        made = make_plans(spec, fingerprint_dataset(spec, progress=True), config.preset)
         # the axes test-time augmentation may mirror: those the model learned to be mirror-invariant
         # on (nnU-Net's inference_allowed_mirroring_axes); none after --augmentation no-mirror
-        plans["mirror_axes"] = list(augmentation_settings(config.augmentation)[1])
+        plans = replace(made, patch_size=tuple(patch_size),
+                        mirror_axes=tuple(augmentation_settings(config.augmentation)[1]))
         out.mkdir(parents=True, exist_ok=True)
         save_plans(plans, plans_path)
     dist.barrier()
     return load_plans(plans_path)  # every rank (and a later resume) uses the plans exactly as saved
 
 
-def prepare_data(config: Any, out: Path, *, patch_size: tuple[int, int, int],
-                 plans: dict[str, Any] | None = None) -> DataBundle:
+def prepare_data(config: TrainConfig, out: Path, *, patch_size: tuple[int, int, int],
+                 plans: Plans | None = None) -> DataBundle:
     """Check, plan (or use ``plans``), preprocess and split; returns what the trainer needs.
 
     Under DDP rank 0 plans and preprocesses while the others wait at a barrier, then read its files.
@@ -164,7 +169,7 @@ def prepare_data(config: Any, out: Path, *, patch_size: tuple[int, int, int],
     unknown = sorted(set(config.val_cases) - set(by_id))
     if unknown:
         raise MaskSAMError(f"--val-cases {' '.join(unknown)} not in the data set (cases: {', '.join(sorted(by_id))})")
-    num_classes = int(plans["num_classes"])
+    num_classes = plans.num_classes
     if config.val_cases:
         val_ids = set(config.val_cases)
     elif config.val_fraction > 0 and len(cases) >= 2:
@@ -173,7 +178,7 @@ def prepare_data(config: Any, out: Path, *, patch_size: tuple[int, int, int],
         val_ids = {cases[i].id for i in rng.choice(len(cases), n_val, replace=False)}
     else:
         val_ids = set()
-    train: list[Any] = []
+    train: list[PreprocessedCase | CaseFiles] = []
     val: list[tuple[np.ndarray, np.ndarray]] = []
     if not val_ids and config.val_fraction > 0 and len(cases) == 1:
         part, held = _slab_split(cases[0], config.val_fraction, cache / "slab", num_classes)
@@ -207,5 +212,5 @@ def prepare_data(config: Any, out: Path, *, patch_size: tuple[int, int, int],
         dl.worker_init_fn = _ignore_sigint
         return dl
 
-    return DataBundle(plans, list(plans["class_names"]), num_classes, int(plans["in_channels"]), train, val, loader,
+    return DataBundle(plans, list(plans.class_names), num_classes, plans.in_channels, train, val, loader,
                       transforms, note)

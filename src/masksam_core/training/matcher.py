@@ -8,8 +8,9 @@ The matching cost of prediction q and target k on one slice is
     + (auto mode) w_aux_mask * (BCE + Dice)(aux_mask_q, mask_k)
 
 with masks compared at the same uniformly random points for predictions and
-targets (as Mask2Former does). The weights default to METHOD.md's LOSS weights
-(class 0.2, mask 1.5, Dice 1.5, aux box L1 0.5, aux GIoU 0.2, aux mask 0.5):
+targets (as Mask2Former does). The weights default to the loss weights
+(docs/method.md, "Matcher and losses": class 0.2, mask 1.5, Dice 1.5, aux box
+L1 0.5, aux GIoU 0.2, aux mask 0.5):
 like Mask2Former, the criterion's weights double as the matching costs.
 Costs are computed in fp32 without gradients and solved per slice with
 ``scipy.optimize.linear_sum_assignment``.

@@ -1,6 +1,6 @@
 """Ground truth per slice, model outputs per slice, and the points where the two are compared.
 
-MaskSAM's targets are per SLICE (METHOD.md, Training): a slice with label map
+MaskSAM's targets are per SLICE (docs/method.md, "Training targets"): a slice with label map
 (H, W) has one binary mask per label id present on it, background included.
 Model outputs (B, Q, T, ...) are read as B*T slices, index ``b * T + t``, each
 with Q predictions.

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.plans import Plans
 from ..devices import autocast_dtype, available_devices, compile_errors, reuse_freed_memory
 from ..errors import MaskSAMError, check_output_folder
 from ..files import atomic_save, atomic_write_json
@@ -33,7 +34,7 @@ from ..runs import RunFile, load_checkpoint, load_state, load_trainable
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .config import TrainConfig, check_ranges, resolve_config
-from .data_setup import patch_fit_note, prepare_data
+from .data_setup import DataBundle, patch_fit_note, prepare_data
 from .events import TrainEvent
 from .metrics import validate_on_main, write_curves
 
@@ -69,7 +70,7 @@ class Trainer:
             overrides["num_queries"] = c.num_queries
         return overrides
 
-    def _build(self, data: Any, device: torch.device, saved: RunFile | None) -> None:
+    def _build(self, data: DataBundle, device: torch.device, saved: RunFile | None) -> None:
         c = self.config
         self.preset = get_preset(c.preset)
         self.overrides = self._settings()
@@ -165,7 +166,8 @@ class Trainer:
         np.random.seed(c.seed + rank)
 
         yield TrainEvent("setup", message=f"checking and preparing {c.dataset}")
-        data = prepare_data(c, self.out, patch_size=self._patch_size(), plans=saved.plans if saved else None)
+        plans = Plans.from_dict(saved.plans) if saved is not None else None
+        data = prepare_data(c, self.out, patch_size=self._patch_size(), plans=plans)
         (stop_now,) = dist.any_flags(self._stop)  # asked to stop while the data were prepared
         if stop_now:  # before the model is built (and its weights perhaps downloaded)
             dist.cleanup()
@@ -177,7 +179,8 @@ class Trainer:
         self._build(data, device, saved)
         if data.note:
             yield TrainEvent("setup", message=data.note)
-        fit = patch_fit_note(self._patch_size(), data.plans["median_shape"])
+        stats = data.plans.stats
+        fit = patch_fit_note(self._patch_size(), stats.median_shape) if stats is not None else ""
         if fit and saved is None and c.patch_size is None and "patch_size" not in c.overrides:
             yield TrainEvent("setup", message=fit)
         start_epoch, start_iter, best, partial = 0, 0, -math.inf, None
@@ -313,7 +316,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def _validate(self, data: Any, device: torch.device, epoch: int,
+    def _validate(self, data: DataBundle, device: torch.device, epoch: int,
                   t0: float) -> Generator[TrainEvent, None, dict | None]:
         """``validation`` events (windows done of all) while rank 0 scores; None if a stop (or the time
         limit) cut it short."""
@@ -321,7 +324,7 @@ class Trainer:
                                lambda: self._stop or self._time_up(t0))
         return (yield from relay(gen, lambda item: TrainEvent("validation", epoch, self.epochs, *item)))
 
-    def _save(self, data: Any, epoch: int, iteration: int, best: float, *, improved: bool = False,
+    def _save(self, data: DataBundle, epoch: int, iteration: int, best: float, *, improved: bool = False,
               partial: dict[str, Any] | None = None) -> None:
         """checkpoint_last.pt (and _best when improved), then metrics.jsonl and curves.png; rank 0 writes,
         every rank must call it (it gathers their RNG states)."""
