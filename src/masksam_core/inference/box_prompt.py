@@ -9,7 +9,8 @@ SAM's mask may reach past the box edge, as SAM's own tools allow.
 **Zero-shot** (``lite``, ``vit_b``, ``vit_l``, ``vit_h``, or a :class:`SamBackbone` object): the frozen
 SAM runs slice by slice, each slice encoded once for all boxes that cover it; the box is the same
 rectangle on every slice of its z-range. Slice preparation, as LiteMedSAM's and SAM's own inference
-do it: the volume is clipped to its [0.5, 99.5] intensity percentiles; each slice is resized so
+do it: the volume is clipped to its intensity window (:mod:`.windows`: -160..240 HU for CT, as
+MedSAM's preprocessing, else its [0.5, 99.5] percentiles); each slice is resized so
 that its longer side is S (the backbone's input side: 256 for lite, 1024 for ViT) with
 antialiased bilinear interpolation, min-max scaled to [0, 255], normalised with the backbone's
 ``pixel_mean``/``pixel_std`` (SAM: ImageNet statistics; lite: /255), padded with zeros at the
@@ -41,15 +42,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..devices import AMP_CHOICES, AMP_HELP, DEVICE_CHOICES, autocast_dtype, select_device
+from ..devices import (
+    AMP_CHOICES,
+    AMP_HELP,
+    DEVICE_CHOICES,
+    autocast_dtype,
+    select_device,
+)
 from ..errors import MaskSAMError
 from ..modeling.backbone import SamBackbone
-from .sliding_window import Progress, run as run_generator, sliding_window
+from .sliding_window import Progress, sliding_window
+from .sliding_window import run as run_generator
+from .windows import Window, intensity_range, parse_window
 
 __all__ = ["BASE_MODELS", "BoxPrompter", "SliceFrame", "add_cli", "check_boxes", "zero_shot_logits"]
 
 BASE_MODELS = ("lite", "vit_b", "vit_l", "vit_h")
-PERCENTILES = (0.5, 99.5)
 ABSENT_LOGIT = -20.0
 
 
@@ -156,10 +164,15 @@ class BoxPrompter:
             base weights the run was trained on (``--base-checkpoint`` at training).
         amp: autocast dtype, as :class:`Predictor`'s: ``auto`` (bf16 on CUDA and on CPUs with native
             bf16, fp32 elsewhere), ``bf16``, ``fp16`` or ``off``.
+        window: zero-shot: the intensity window SAM sees (:mod:`.windows`): ``auto`` (the soft-tissue
+            window -160..240 HU for a volume that looks like HU CT, else the volume's percentiles),
+            ``ct``, ``percentile`` or (low, high).
     """
 
     def __init__(self, model: str | os.PathLike | SamBackbone = "lite", *, device: str = "auto",
-                 checkpoint: str | os.PathLike | None = None, progress: bool = True, amp: str = "auto") -> None:
+                 checkpoint: str | os.PathLike | None = None, progress: bool = True, amp: str = "auto",
+                 window: Window = "auto") -> None:
+        self.window = parse_window(window)
         self.device = select_device(device)
         self.amp = autocast_dtype(self.device, amp, cpu_bf16=True)
         self.sam: SamBackbone | None = None
@@ -228,7 +241,7 @@ class BoxPrompter:
                    ) -> Generator[Progress, None, list[np.ndarray]]:
         assert self.sam is not None
         sam, start = self.sam, time.perf_counter()
-        low, high = (float(v) for v in np.percentile(volume, PERCENTILES))
+        low, high = intensity_range(volume, self.window)
         frame = SliceFrame(volume.shape[1], volume.shape[2], sam.image_size)
         masks = [np.zeros((b[1] - b[0], *volume.shape[1:]), dtype=bool) for b in boxes]  # each box's slices
         slices = sorted({z for b in boxes for z in range(b[0], b[1])})
@@ -287,8 +300,15 @@ def _cli(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..errors import check_output_folder
-    from ..io import (NIFTI_SUFFIXES, TIFF_SUFFIXES, check_classes_sidecar, classes_sidecar, read_image,
-                      spacing_sidecar, write_labels)
+    from ..io import (
+        NIFTI_SUFFIXES,
+        TIFF_SUFFIXES,
+        check_classes_sidecar,
+        classes_sidecar,
+        read_image,
+        spacing_sidecar,
+        write_labels,
+    )
 
     out = Path(args.output)
     if not out.name.lower().endswith(NIFTI_SUFFIXES + TIFF_SUFFIXES):
