@@ -266,3 +266,78 @@ def test_label_map_names_no_overwrite_and_undo():
         lm.update(7, a)
     with pytest.raises(MaskSAMError, match="shape"):
         lm.add(np.ones((3, 3, 3), bool))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_propagate_points_names_and_errors(tmp_path, capsys, monkeypatch):
+    import json
+
+    import nibabel as nib
+
+    import masksam_core.modeling.backbone as backbone
+    from masksam_core.cli import main
+
+    monkeypatch.setattr(backbone, "load_sam_backbone", lambda name, checkpoint=None, **kw: build_backbone("tiny"))
+    monkeypatch.setattr(SliceEncoder, "decode", FakeEncoder.decode)
+    volume, obj = _blob_volume()
+    nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0), np.eye(4)), tmp_path / "scan.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    base = ["prompt", "-i", str(tmp_path / "scan.nii.gz"), "-o", str(out), "--device", "cpu"]
+    y0, x0, y1, x1 = geo.mask_box(obj[10])
+    box = ["--box", "10", "11", str(y0), str(x0), str(y1), str(x1)]
+    assert main([*base, *box, "--propagate", "--name", "blob"]) == 0
+    seg = np.asarray(nib.load(out).dataobj).transpose(2, 1, 0)
+    assert np.array_equal(seg == 1, obj) and set(np.unique(seg)) == {0, 1}
+    assert json.loads((tmp_path / "seg.classes.json").read_text()) == {"0": "background", "1": "blob"}
+    assert "blob:" in capsys.readouterr().out
+    # a box over slices 8..11 follows the object there only (a click on it changes nothing here); a second,
+    # overlapping object keeps out of the first one's voxels
+    ys, xs = np.nonzero(obj[9])
+    assert main([*base, "--box", "8", "12", str(y0), str(x0), str(y1), str(x1), "--point", "9", str(ys[0]),
+                 str(xs[0]), "+", *box, "--overwrite", "--propagate"]) == 0
+    seg = np.asarray(nib.load(out).dataobj).transpose(2, 1, 0)
+    assert np.array_equal(seg == 1, obj & (np.arange(20) >= 8)[:, None, None] & (np.arange(20) < 12)[:, None, None])
+    assert np.array_equal(seg > 0, obj)
+    assert json.loads((tmp_path / "seg.classes.json").read_text())["2"] == "box_2"
+    capsys.readouterr()
+    for extra, message in [
+        (["--point", "10", "5", "5", "+"], "--point refines a propagated object: add --propagate"),
+        (["--propagate", "--point", "10", "5", "5", "x"], "must be + (belongs to the object) or -"),
+        (["--propagate", "--point", "10", "5", "99", "+"], "outside the image of shape (Z, Y, X) = (20, 48, 48)"),
+        (["--propagate", "--point", "1.5", "5", "5", "+"], "whole voxel indices"),
+        (["--propagate", "--name", "a", "--name", "b"], "2 --name for 1 --box"),
+        (["--propagate", "--window", "lung"], "unknown window 'lung'"),
+    ]:
+        assert main([*base, *box, "--overwrite", *extra]) == 1, extra
+        assert message in capsys.readouterr().err, extra
+    assert main([*base, "--point", "10", "5", "5", "+", *box, "--overwrite", "--propagate"]) == 1
+    assert "give it after the --box" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- LiteMedSAM on the sample CT
+
+
+@pytest.mark.slow
+def test_lite_propagation_and_click_on_sample_ct(shared_data):
+    from masksam_core.io import read_image
+    from masksam_core.modeling.backbone import load_sam_backbone
+
+    root = shared_data / ABDOMEN
+    volume = read_image(root / "imagesTr" / "abdct_001_0000.nii.gz")[0]
+    labels = read_image(root / "labelsTr" / "abdct_001.nii.gz")[0]
+    enc = SliceEncoder(volume, load_sam_backbone("lite"), device="cpu")
+    assert enc.window == SOFT_TISSUE
+    truth = labels == 3  # left kidney
+    zs = np.flatnonzero(truth.any(axis=(1, 2)))
+    mid = int(zs[len(zs) // 2])
+    session = InteractiveSession(enc)
+    ann = session.start({mid: geo.mask_box(truth[mid])}, limits=(mid - 3, mid + 4))
+    pred = ann.mask()[mid - 3:mid + 4]
+    ref = truth[mid - 3:mid + 4]
+    assert 2 * (pred & ref).sum() / (pred.sum() + ref.sum()) > 0.8
+    ys, xs = np.nonzero(truth[mid])
+    ann = session.click(ann, Click(mid, int(ys.mean()), int(xs.mean()), True))
+    assert ann.slice_mask(mid)[int(ys.mean()), int(xs.mean())]
+    assert len(enc.cache) == 7

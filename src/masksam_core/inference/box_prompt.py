@@ -51,6 +51,7 @@ from ..devices import (
 )
 from ..errors import MaskSAMError
 from ..modeling.backbone import SamBackbone
+from . import interactive_cli
 from .sliding_window import Progress, sliding_window
 from .sliding_window import run as run_generator
 from .windows import Window, intensity_range, parse_window
@@ -319,22 +320,36 @@ def _cli(args: argparse.Namespace) -> int:
             raise MaskSAMError(f"{target} already exists; pass --overwrite to replace it, or choose another output "
                                "name")
     check_output_folder(out.parent, "-o (its folder)")
-    names = {0: "background", **{i: f"box_{i}" for i in range(1, len(args.box) + 1)}}
+    if len(args.name) > len(args.box):
+        raise MaskSAMError(f"{len(args.name)} --name for {len(args.box)} --box: give at most one name per box")
+    names = {0: "background", **{i: (args.name[i - 1] if i <= len(args.name) else f"box_{i}")
+                                 for i in range(1, len(args.box) + 1)}}
     check_classes_sidecar(out, {str(k): v for k, v in names.items()})
     model = args.model
     if model not in BASE_MODELS and not (_is_run(model) and Path(model).exists()):
         raise MaskSAMError(f"unknown model {model!r}: use one of {', '.join(BASE_MODELS)} or an existing run folder "
                            "trained with --prompt-mode gt")
+    if args.point and not args.propagate:
+        raise MaskSAMError("--point refines a propagated object: add --propagate")
+    if args.propagate and model not in BASE_MODELS:
+        raise MaskSAMError(f"--propagate runs a base model zero-shot ({', '.join(BASE_MODELS)}), not a run")
+    parse_window(args.window)
     volume, geometry = read_image(args.input)
     boxes = check_boxes(args.box, volume.shape)
-    prompter = BoxPrompter(model, device=args.device, checkpoint=args.checkpoint, amp=args.amp)
+    points = interactive_cli.check_points(args.point, len(boxes), volume.shape)
+    prompter = BoxPrompter(model, device=args.device, checkpoint=args.checkpoint, amp=args.amp, window=args.window)
     unit = "slice" if prompter.mode == "zero-shot" else "window"
     with tqdm(desc=f"{Path(args.input).name} ({len(boxes)} box{'es' if len(boxes) > 1 else ''})", unit=unit,
               dynamic_ncols=True) as bar:
-        labels = run_generator(prompter.segment_iter(volume, boxes, spacing=geometry.spacing),
-                               lambda p: (setattr(bar, "total", p.total), bar.update(p.done - bar.n)))
+        if args.propagate:  # slices decoded, their number open in advance
+            labels, names = interactive_cli.segment_propagated(
+                volume, boxes, points, args.name, sam=prompter.sam, device=args.device, amp=args.amp,
+                window=args.window, progress=lambda p: bar.update(1 if p.done else 0))
+        else:
+            labels = run_generator(prompter.segment_iter(volume, boxes, spacing=geometry.spacing),
+                                   lambda p: (setattr(bar, "total", p.total), bar.update(p.done - bar.n)))
     write_labels(out, labels, geometry, class_names=names, overwrite=args.overwrite)
-    found = ", ".join(f"box {i}: {int((labels == i).sum())} voxels" for i in range(1, len(boxes) + 1))
+    found = ", ".join(f"{names[i]}: {int((labels == i).sum())} voxels" for i in range(1, len(boxes) + 1))
     print(f"wrote {out} ({found})")
     return 0
 
@@ -345,7 +360,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         description=("Segment one object per --box in a 3D image and write a label map (box i -> label i) with the "
                      "image's geometry. Boxes are half-open voxel ranges of the image as read (axes Z, Y, X): "
                      "--box 10 14 50 60 90 120 covers slices 10..13, rows 50..89, columns 60..119. Later boxes win "
-                     "where masks overlap. DICOM inputs are written as NIfTI/TIFF (no DICOM-SEG)."))
+                     "where masks overlap. With --propagate a box on one slice (--box Z Z+1 Y0 X0 Y1 X1) is followed "
+                     "through the slices, --point clicks refine it, and earlier objects keep their voxels. DICOM "
+                     "inputs are written as NIfTI/TIFF (no DICOM-SEG)."))
     p.add_argument("-i", "--input", required=True, metavar="IMAGE", help="NIfTI, 3D TIFF or DICOM series folder")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="label file to write (.nii.gz, .nii, .tif)")
     p.add_argument("--box", required=True, action="append", nargs=6, type=int,
@@ -356,5 +373,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=AMP_HELP + " (default: auto)")
     p.add_argument("--checkpoint", metavar="PATH", help="local base weights file (skips the download)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    interactive_cli.add_arguments(p)
     p.set_defaults(func=_cli)
 

@@ -235,7 +235,8 @@ class InteractiveSession:
     # ------------------------------------------------------------------ clicks
 
     def click_iter(self, ann: Annotation, click: Click) -> Generator[Progress, None, Annotation]:
-        """Refine slice ``click.z`` by one click (the backbone's rule), then re-propagate next to it."""
+        """Refine slice ``click.z`` by one click (the backbone's rule), then re-propagate next to it. The first
+        :class:`Progress` (done 0) comes when the clicked slice itself is answered."""
         z = self.encoder.check_slice(click.z)
         h, w = self.encoder.shape[1:]
         if not (0 <= click.y < h and 0 <= click.x < w):
@@ -251,9 +252,11 @@ class InteractiveSession:
             key.mask = ann.lows.get(z)
         else:
             self._box_rule(ann, z, key, click)
+        start = time.perf_counter()
         self._decode_key(z, key, ann)
         if self.rule == "box+local":
             self._local_rule(ann, z, key, click)
+        yield Progress(0, 1, time.perf_counter() - start)  # the clicked slice is answered
         return (yield from self.propagate_iter(ann, z))
 
     def click(self, ann: Annotation, click: Click) -> Annotation:

@@ -49,6 +49,10 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def slices(self) -> list[int]:
+        """The cached slice indices, least recently used first."""
+        return list(self._items)
+
     def get(self, z: int) -> torch.Tensor | None:
         """The stored embedding of slice ``z`` (now most recently used), or None."""
         item = self._items.get(z)
