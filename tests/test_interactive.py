@@ -276,8 +276,8 @@ def test_cli_propagate_points_names_and_errors(tmp_path, capsys, monkeypatch):
 
     import nibabel as nib
 
-    import masksam_core.modeling.backbone as backbone
     from masksam_core.cli import main
+    from masksam_core.modeling import backbone
 
     monkeypatch.setattr(backbone, "load_sam_backbone", lambda name, checkpoint=None, **kw: build_backbone("tiny"))
     monkeypatch.setattr(SliceEncoder, "decode", FakeEncoder.decode)
@@ -341,3 +341,26 @@ def test_lite_propagation_and_click_on_sample_ct(shared_data):
     ann = session.click(ann, Click(mid, int(ys.mean()), int(xs.mean()), True))
     assert ann.slice_mask(mid)[int(ys.mean()), int(xs.mean())]
     assert len(enc.cache) == 7
+
+
+def test_box_prompter_sees_the_soft_tissue_window_on_ct():
+    """prompt's plain --box path: a CT volume is clipped to -160..240 HU by default, not to its percentiles."""
+    seen = []
+
+    def capture(images, boxes):
+        seen.append(images[0, 0].clone())
+        return torch.full((*boxes.shape[:2], 32, 32), -1.0)
+
+    volume = np.full((1, 32, 32), -1000.0, np.float32)
+    volume[0, 8:24, 8:24] = 40.0   # soft tissue
+    volume[0, 12:16, 12:16] = 1500.0  # bone: saturates in the window
+    volume[0, 18:22, 18:22] = 0.0     # water: below tissue in the window
+    for window, contrast in (("auto", 40 / 400), ("percentile", 40 / 2500)):  # tissue - water, of the range
+        prompter = BoxPrompter(build_backbone("tiny"), device="cpu", window=window)
+        prompter.predict_slices = capture
+        prompter.segment(volume, [(0, 1, 0, 0, 32, 32)])
+        image = seen[-1]  # 64 x 64: voxel (y, x) -> pixels (2y, 2x), (2y+1, 2x+1)
+        tissue_minus_water = float(image[2 * 10, 2 * 10] - image[2 * 20, 2 * 20]) / float(image.max() - image.min())
+        assert tissue_minus_water == pytest.approx(contrast, rel=0.05), window
+    with pytest.raises(MaskSAMError, match="unknown window"):
+        BoxPrompter(build_backbone("tiny"), device="cpu", window="bone")
