@@ -5,7 +5,10 @@ An :class:`Annotation` is one 3D object. Its **key slices** hold the user's prom
 clicks, local edits); every other slice is filled by **propagation**: starting from a key slice's
 mask, each next slice is prompted with the previous slice's mask bounding box (widened by
 ``margin`` voxels) and, with ``mask_prompt=True``, the previous slice's low-resolution logits as
-SAM's mask prompt. Between two key slices each side walks to the middle; beyond the outermost keys
+SAM's mask prompt. The margin matters: SAM's masks lie inside a tight box, so with no margin the
+object shrinks from slice to slice (LiteMedSAM, sample CT spleen: Dice 0.40 with no margin, 0.96 with
+2-3 voxels, 0.90 with 5); the mask prompt made it leak (0.92 against 0.96), so it is off by default.
+Between two key slices each side walks to the middle; beyond the outermost keys
 the walk goes on until the mask's area drops below ``min_area`` voxels (the object has ended) or
 the annotation's z limits. A key slice cleared by a negative click stops propagation there.
 
@@ -43,7 +46,7 @@ class PropagationSettings:
     """How an object follows through the slices and how clicks act (see the module docstring)."""
 
     mask_prompt: bool = False
-    margin: int = 0
+    margin: int = 3
     min_area: int = 5
     click_rule: str = "auto"
     grow_margin: int = 3
