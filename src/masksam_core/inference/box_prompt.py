@@ -9,7 +9,8 @@ SAM's mask may reach past the box edge, as SAM's own tools allow.
 **Zero-shot** (``lite``, ``vit_b``, ``vit_l``, ``vit_h``, or a :class:`SamBackbone` object): the frozen
 SAM runs slice by slice, each slice encoded once for all boxes that cover it; the box is the same
 rectangle on every slice of its z-range. Slice preparation, as LiteMedSAM's and SAM's own inference
-do it: the volume is clipped to its [0.5, 99.5] intensity percentiles; each slice is resized so
+do it: the volume is clipped to its intensity window (:mod:`.windows`: -160..240 HU for CT, as
+MedSAM's preprocessing, else its [0.5, 99.5] percentiles); each slice is resized so
 that its longer side is S (the backbone's input side: 256 for lite, 1024 for ViT) with
 antialiased bilinear interpolation, min-max scaled to [0, 255], normalised with the backbone's
 ``pixel_mean``/``pixel_std`` (SAM: ImageNet statistics; lite: /255), padded with zeros at the
@@ -46,12 +47,13 @@ from ..devices import AMP_CHOICES, AMP_HELP, DEVICE_CHOICES, autocast_dtype, sel
 from ..errors import MaskSAMError
 from ..modeling.backbone import SamBackbone
 from ..progress import drive
+from . import interactive_cli
 from .sliding_window import Progress, sliding_window
+from .windows import Window, intensity_range, parse_window
 
 __all__ = ["BASE_MODELS", "BoxPrompter", "SliceFrame", "add_cli", "check_boxes"]
 
 BASE_MODELS = ("lite", "vit_b", "vit_l", "vit_h")
-PERCENTILES = (0.5, 99.5)
 ABSENT_LOGIT = -20.0
 
 
@@ -140,10 +142,15 @@ class BoxPrompter:
             base weights the run was trained on (``--base-checkpoint`` at training).
         amp: autocast dtype, as :class:`Predictor`'s: ``auto`` (bf16 on CUDA and on CPUs with native
             bf16, fp32 elsewhere), ``bf16``, ``fp16`` or ``off``.
+        window: zero-shot: the intensity window SAM sees (:mod:`.windows`): ``auto`` (the soft-tissue
+            window -160..240 HU for a volume that looks like HU CT, else the volume's percentiles),
+            ``ct``, ``percentile`` or (low, high).
     """
 
     def __init__(self, model: str | os.PathLike | SamBackbone = "lite", *, device: str = "auto",
-                 checkpoint: str | os.PathLike | None = None, progress: bool = True, amp: str = "auto") -> None:
+                 checkpoint: str | os.PathLike | None = None, progress: bool = True, amp: str = "auto",
+                 window: Window = "auto") -> None:
+        self.window = parse_window(window)
         self.device = select_device(device)
         self.amp = autocast_dtype(self.device, amp, cpu_bf16=True)
         self.sam: SamBackbone | None = None
@@ -212,7 +219,7 @@ class BoxPrompter:
                    ) -> Generator[Progress, None, list[np.ndarray]]:
         assert self.sam is not None
         sam, start = self.sam, time.perf_counter()
-        low, high = (float(v) for v in np.percentile(volume, PERCENTILES))
+        low, high = intensity_range(volume, self.window)
         frame = SliceFrame(volume.shape[1], volume.shape[2], sam.image_size)
         masks = [np.zeros((b[1] - b[0], *volume.shape[1:]), dtype=bool) for b in boxes]  # each box's slices
         slices = sorted({z for b in boxes for z in range(b[0], b[1])})
@@ -283,22 +290,36 @@ def _cli(args: argparse.Namespace) -> int:
             raise MaskSAMError(f"{target} already exists; pass --overwrite to replace it, or choose another output "
                                "name")
     check_output_folder(out.parent, "-o (its folder)")
-    names = {0: "background", **{i: f"box_{i}" for i in range(1, len(args.box) + 1)}}
+    if len(args.name) > len(args.box):
+        raise MaskSAMError(f"{len(args.name)} --name for {len(args.box)} --box: give at most one name per box")
+    names = {0: "background", **{i: (args.name[i - 1] if i <= len(args.name) else f"box_{i}")
+                                 for i in range(1, len(args.box) + 1)}}
     check_classes_sidecar(out, {str(k): v for k, v in names.items()})
     model = args.model
     if model not in BASE_MODELS and not (_is_run(model) and Path(model).exists()):
         raise MaskSAMError(f"unknown model {model!r}: use one of {', '.join(BASE_MODELS)} or an existing run folder "
                            "trained with --prompt-mode gt")
+    if args.point and not args.propagate:
+        raise MaskSAMError("--point refines a propagated object: add --propagate")
+    if args.propagate and model not in BASE_MODELS:
+        raise MaskSAMError(f"--propagate runs a base model zero-shot ({', '.join(BASE_MODELS)}), not a run")
+    parse_window(args.window)
     volume, geometry = read_image(args.input)
     boxes = check_boxes(args.box, volume.shape)
-    prompter = BoxPrompter(model, device=args.device, checkpoint=args.checkpoint, amp=args.amp)
+    points = interactive_cli.check_points(args.point, len(boxes), volume.shape)
+    prompter = BoxPrompter(model, device=args.device, checkpoint=args.checkpoint, amp=args.amp, window=args.window)
     unit = "slice" if prompter.mode == "zero-shot" else "window"
     with tqdm(desc=f"{Path(args.input).name} ({len(boxes)} box{'es' if len(boxes) > 1 else ''})", unit=unit,
               dynamic_ncols=True) as bar:
-        labels = drive(prompter.segment_iter(volume, boxes, spacing=geometry.spacing),
-                               lambda p: (setattr(bar, "total", p.total), bar.update(p.done - bar.n)))
+        if args.propagate:  # slices decoded, their number open in advance
+            labels, names = interactive_cli.segment_propagated(
+                volume, boxes, points, args.name, sam=prompter.sam, device=args.device, amp=args.amp,
+                window=args.window, progress=lambda p: bar.update(1 if p.done else 0))
+        else:
+            labels = drive(prompter.segment_iter(volume, boxes, spacing=geometry.spacing),
+                           lambda p: (setattr(bar, "total", p.total), bar.update(p.done - bar.n)))
     write_labels(out, labels, geometry, class_names=names, overwrite=args.overwrite)
-    found = ", ".join(f"box {i}: {int((labels == i).sum())} voxels" for i in range(1, len(boxes) + 1))
+    found = ", ".join(f"{names[i]}: {int((labels == i).sum())} voxels" for i in range(1, len(boxes) + 1))
     print(f"wrote {out} ({found})")
     return 0
 
@@ -309,7 +330,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         description=("Segment one object per --box in a 3D image and write a label map (box i -> label i) with the "
                      "image's geometry. Boxes are half-open voxel ranges of the image as read (axes Z, Y, X): "
                      "--box 10 14 50 60 90 120 covers slices 10..13, rows 50..89, columns 60..119. Later boxes win "
-                     "where masks overlap. DICOM inputs are written as NIfTI/TIFF (no DICOM-SEG)."))
+                     "where masks overlap. With --propagate a box on one slice (--box Z Z+1 Y0 X0 Y1 X1) is followed "
+                     "through the slices, --point clicks refine it, and earlier objects keep their voxels. DICOM "
+                     "inputs are written as NIfTI/TIFF (no DICOM-SEG)."))
     p.add_argument("-i", "--input", required=True, metavar="IMAGE", help="NIfTI, 3D TIFF or DICOM series folder")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="label file to write (.nii.gz, .nii, .tif)")
     p.add_argument("--box", required=True, action="append", nargs=6, type=int,
@@ -320,5 +343,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=AMP_HELP + " (default: auto)")
     p.add_argument("--checkpoint", metavar="PATH", help="local base weights file (skips the download)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    interactive_cli.add_arguments(p)
     p.set_defaults(func=_cli)
 
