@@ -273,7 +273,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *,
     bar = tqdm(total=len(jobs), desc="evaluate", unit="case", disable=not progress, file=sys.stderr)
     pool = ProcessPoolExecutor(min(num_workers, len(jobs))) if num_workers > 1 else None
     try:
-        for result in (pool.map if pool else map)(_evaluate_case, *zip(*jobs)):
+        for result in (pool.map if pool else map)(_evaluate_case, *zip(*jobs, strict=True)):
             results.append(result)
             bar.update()
     finally:

@@ -333,7 +333,7 @@ def _cli_list(args: argparse.Namespace) -> int:
                      str(where) if where else f"(not installed: {LITE_INSTALL})", info.description))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 

@@ -217,7 +217,7 @@ class JobWidget(Container):
             return self.job
         try:
             make, show = self.prepare()
-        except Exception as error:  # noqa: BLE001 - bad input becomes a notification
+        except Exception as error:  # bad input becomes a notification
             self.job = failed_job(error, self.WHAT)
             return self.job
         self.job = run_job(make, self.WHAT, on_yield=self.panel.show_progress, on_return=show,

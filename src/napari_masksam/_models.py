@@ -14,6 +14,7 @@ run folder or checkpoint and refreshes on ``runs_changed``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -70,10 +71,8 @@ def add_run(path: str | os.PathLike) -> None:
     entries = [entry] + [e for e in _read() if e != entry and Path(e).exists()]
     _session[:] = [entry] + [e for e in _session if e != entry]
     file = runs_file()
-    try:
+    with contextlib.suppress(OSError):  # a read-only cache only costs the memory of this list across sessions
         atomic_write_json(file, entries[:MAX_RUNS], indent=1, newline=False)
-    except OSError:
-        pass  # a read-only cache only costs the memory of this list across sessions
     runs_changed.emit()
 
 
@@ -110,7 +109,7 @@ def bundled_models() -> Choices:
         return []
     try:
         found = get()
-    except Exception as error:  # noqa: BLE001 - a broken bundle must not break the widget
+    except Exception as error:  # a broken bundle must not break the widget
         log.warning("masksam_core.bundled_models() failed: %s", error)
         return []
     if isinstance(found, Mapping):

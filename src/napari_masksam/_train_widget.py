@@ -4,8 +4,8 @@ It only gathers settings and shows progress (Start / Stop and the progress bar a
 :class:`._job_widget.JobPanel`, the curves a :class:`._training_plot.TrainingPlot`); ``masksam_core``'s
 :class:`Trainer` does the work, in a napari worker thread (:func:`._worker.run_job`). Sources: a folder
 in the nnU-Net v2 raw layout, or an Image layer and the Labels layer painted on it (exported as a
-one-case data set into the run folder, see :mod:`._dataset_export`). Stop asks the trainer to save a checkpoint and end; a run that
-ends with a checkpoint is added to the models of the *Segment (MaskSAM)* widget.
+one-case data set into the run folder, see :mod:`._dataset_export`). Stop asks the trainer to save a
+checkpoint and end; a run that ends with a checkpoint is added to the models of the *Segment (MaskSAM)* widget.
 """
 
 from __future__ import annotations
@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import (
-    CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, RadioButtons, SpinBox,
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    RadioButtons,
+    SpinBox,
 )
 
 from masksam_core.devices import available_devices
@@ -28,8 +36,8 @@ from masksam_core.training import TrainConfig, TrainEvent, epoch_line, format_du
 from masksam_core.training.config import NEW_RUN_DEFAULTS, widget_options
 
 from . import _models
-from ._dataset_export import DATASET_FOLDER, LayersData, check_split, layers_training_data, write_dataset
 from ._compat import load_triton_beside_mesa
+from ._dataset_export import DATASET_FOLDER, LayersData, check_split, layers_training_data, write_dataset
 from ._job_widget import JobPanel, on_close
 from ._training_plot import TrainingPlot
 from ._worker import Job, run_job

@@ -42,8 +42,15 @@ import numpy as np
 import torch
 from monai.data import get_track_meta, set_track_meta
 from monai.transforms import (
-    Compose, OneOf, RandAdjustContrast, RandFlipd, RandGaussianNoised, Randomizable, RandScaleIntensity,
-    RandScaleIntensityFixedMean, RandSimulateLowResolution,
+    Compose,
+    OneOf,
+    RandAdjustContrast,
+    RandFlipd,
+    RandGaussianNoised,
+    Randomizable,
+    RandScaleIntensity,
+    RandScaleIntensityFixedMean,
+    RandSimulateLowResolution,
 )
 from monai.utils import MAX_SEED
 
@@ -190,7 +197,8 @@ class TrainTransforms:
         The generators are reseeded in place (far cheaper than MONAI's new generator per step: docs/benchmarks.md).
         """
         self._master.seed(int(seed) % MAX_SEED)
-        for t, s in zip(self._random, self._master.randint(MAX_SEED, size=len(self._random), dtype=np.int64)):
+        seeds = self._master.randint(MAX_SEED, size=len(self._random), dtype=np.int64)
+        for t, s in zip(self._random, seeds, strict=True):
             t.R.seed(int(s))
         return self
 

@@ -84,7 +84,7 @@ def _intensity_stats(samples: np.ndarray) -> dict[str, float | int | None]:
         return {**dict.fromkeys(names), "num_samples": 0}
     s = samples.astype(np.float64)
     values = (s.mean(), s.std(), np.median(s), s.min(), s.max(), np.percentile(s, 0.5), np.percentile(s, 99.5))
-    return {**{n: float(v) for n, v in zip(names, values)}, "num_samples": int(s.size)}
+    return {**{n: float(v) for n, v in zip(names, values, strict=True)}, "num_samples": int(s.size)}
 
 
 def foreground_samples(image: np.ndarray, labels: np.ndarray | None, num_samples: int, seed: int) -> np.ndarray:

@@ -100,7 +100,7 @@ class RandRotateScaleCropd(Randomizable, MapTransform):
             if self.anisotropic:
                 img = ResizeWithPadOrCrop((t, -1, -1), mode="constant")(img)
             # an odd size difference would put the input centre between voxels: drop the last voxel
-            trim = tuple(slice(0, s - ((s - p) % 2)) for s, p in zip(img.shape[1:], self.patch_size))
+            trim = tuple(slice(0, s - ((s - p) % 2)) for s, p in zip(img.shape[1:], self.patch_size, strict=True))
             img = torch.as_tensor(img)[(slice(None), *trim)]
             if self.anisotropic:
                 img = img.reshape(-1, *img.shape[2:])

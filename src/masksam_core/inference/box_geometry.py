@@ -55,7 +55,8 @@ def _paired_spans(rects: Sequence[Rectangle]) -> tuple[list[tuple[float, ...]], 
     spans, single = [], []
     for r in first:
         centre = np.array([r[1] + r[3], r[2] + r[4]])
-        j = min(range(len(rest)), key=lambda k: np.hypot(*(centre - [rest[k][1] + rest[k][3], rest[k][2] + rest[k][4]])))
+        j = min(range(len(rest)),
+                key=lambda k: np.hypot(*(centre - [rest[k][1] + rest[k][3], rest[k][2] + rest[k][4]])))
         other = rest.pop(j)
         if min(r[3], other[3]) <= max(r[1], other[1]) or min(r[4], other[4]) <= max(r[2], other[2]):
             single += [r, other]  # they do not overlap: two objects, not one object's two ends

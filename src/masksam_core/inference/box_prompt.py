@@ -204,7 +204,7 @@ class BoxPrompter:
         else:
             masks = yield from self._run(volume, checked, spacing)
         labels = np.zeros(volume.shape[-3:], dtype=np.uint16)
-        for i, (mask, (z0, z1, *_)) in enumerate(zip(masks, checked), 1):
+        for i, (mask, (z0, z1, *_)) in enumerate(zip(masks, checked, strict=True), 1):
             labels[z0:z1][mask] = i  # mask: (z1 - z0, Y, X); later boxes win overlaps
         return labels
 
@@ -222,7 +222,7 @@ class BoxPrompter:
             image = frame.image(image, sam.pixel_mean, sam.pixel_std)
             prompts = torch.tensor([frame.box(*boxes[i][2:]) for i in which], dtype=torch.float32, device=self.device)
             logits = frame.logits(self.predict_slices(image[None], prompts[None])[0])
-            for i, m in zip(which, (logits > 0).cpu().numpy()):
+            for i, m in zip(which, (logits > 0).cpu().numpy(), strict=True):
                 masks[i][z - boxes[i][0]] = m
             yield Progress(done, len(slices), time.perf_counter() - start)
         return masks
@@ -244,7 +244,7 @@ class BoxPrompter:
         shape, target = image.shape[1:], plans.target_spacing
         prepared = preprocess_image(image.astype(np.float32), spacing, plans)
         rects = np.zeros((len(boxes), *shape), dtype=np.float32)
-        for rect, (z0, z1, y0, x0, y1, x1) in zip(rects, boxes):
+        for rect, (z0, z1, y0, x0, y1, x1) in zip(rects, boxes, strict=True):
             rect[z0:z1, y0:y1, x0:x1] = 1.0
         rects = resample_to_shape(rects, prepared.shape[1:], current_spacing=spacing, new_spacing=target)
         rects = np.stack([r > 0.5 if (r > 0.5).any() else r > 0 for r in rects]).astype(np.float32)
@@ -261,7 +261,7 @@ class BoxPrompter:
         logits = yield from sliding_window(stacked, predictor, model.patch_size, overlap=0.5, device=self.device,
                                            accumulate_on="cpu")
         back = resample_to_shape(logits.numpy(), shape, current_spacing=target, new_spacing=spacing)
-        return [b[z0:z1] > 0 for b, (z0, z1, *_) in zip(back, boxes)]
+        return [b[z0:z1] > 0 for b, (z0, z1, *_) in zip(back, boxes, strict=True)]
 
 
 # --------------------------------------------------------------------------- command line

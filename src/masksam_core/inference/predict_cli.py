@@ -304,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
             written = predict_case(predictor, case, out_dir, args)
         except KeyboardInterrupt:
             raise
-        except Exception as error:  # noqa: BLE001 - one bad case must not stop the others
+        except Exception as error:  # one bad case must not stop the others
             failed += 1
             print(f"{tag}failed: {_one_line(case, error)}", file=sys.stderr, flush=True)
             continue

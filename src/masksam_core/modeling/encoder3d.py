@@ -117,10 +117,10 @@ class TinyViTAdapters(nn.Module):
         ]
         self.depth_embed = nn.Parameter(torch.zeros(1, depth, stage_dims[1]))
         self.attn_adapters = nn.ModuleList(
-            adapter_layer(stage_dims[l], stage_dims[l] // bottleneck_ratio) for l, _ in self.keys
+            adapter_layer(stage_dims[layer], stage_dims[layer] // bottleneck_ratio) for layer, _ in self.keys
         )
         self.mlp_adapters = nn.ModuleList(
-            adapter_layer(stage_dims[l], stage_dims[l] // bottleneck_ratio) for l, _ in self.keys
+            adapter_layer(stage_dims[layer], stage_dims[layer] // bottleneck_ratio) for layer, _ in self.keys
         )
         self.mlp_adapter_scale = mlp_adapter_scale
         self.grad_checkpointing = False
@@ -139,7 +139,7 @@ class TinyViTAdapters(nn.Module):
 
         adapters = {
             key: (bind(a, 1.0), bind(m, self.mlp_adapter_scale))
-            for key, a, m in zip(self.keys, self.attn_adapters, self.mlp_adapters)
+            for key, a, m in zip(self.keys, self.attn_adapters, self.mlp_adapters, strict=True)
         }
 
         def add_depth(tokens: torch.Tensor) -> torch.Tensor:

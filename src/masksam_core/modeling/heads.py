@@ -60,7 +60,7 @@ class FinalConv(nn.Module):
         act_layer: type[nn.Module] = nn.LeakyReLU,
     ) -> None:
         super().__init__()
-        steps = max(0, int(round(math.log2(out_size / in_size))))
+        steps = max(0, round(math.log2(out_size / in_size)))
         self.out_size = out_size
         self.conv_in = nn.Sequential(nn.Conv3d(1, hidden, 3, padding=1), act_layer(inplace=True))
         ups: list[nn.Module] = []

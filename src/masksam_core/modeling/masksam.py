@@ -36,7 +36,7 @@ CHECKPOINT_QUERY_CHUNK = 4  # queries per recomputed decoder call under gradient
 
 def decoder_sizes(embedding_size: int, patch_size: int, stages: int) -> tuple[int, ...]:
     """In-plane size of each prompt-generator stage: constant, then doubling to the patch size."""
-    ups = int(round(math.log2(patch_size / embedding_size)))
+    ups = round(math.log2(patch_size / embedding_size))
     if 2**ups * embedding_size != patch_size or ups < 0:
         raise ValueError(f"patch size {patch_size} is not embedding size {embedding_size} times a power of 2")
     if stages < ups + 1:
@@ -72,7 +72,7 @@ class MaskSAM(nn.Module):
         depth, height, width = patch_size
         if height != width:
             raise ValueError(f"patches must be square in-plane, got {height}x{width}")
-        upsample = int(round(math.log2(sam.image_size / height)))
+        upsample = round(math.log2(sam.image_size / height))
         if upsample < 0 or height * 2**upsample != sam.image_size:
             raise ValueError(f"SAM input {sam.image_size} is not patch size {height} times a power of 2")
         self.sam = sam.requires_grad_(False).eval()

@@ -160,4 +160,4 @@ def slice_size(preset: Preset, patch_size: Sequence[int] | None, sam_image_size:
         return int(sam_image_size)
     if patch_size is None:
         return int(preset.sam_image_size)
-    return int(round(preset.sam_image_size * int(patch_size[1]) / preset.patch_size[1]))
+    return round(preset.sam_image_size * int(patch_size[1]) / preset.patch_size[1])

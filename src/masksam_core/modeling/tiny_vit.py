@@ -25,7 +25,6 @@ absolute 2D offset ``(|dy|, |dx|)`` inside the window; the bias table is gathere
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,7 @@ __all__ = ["Adapter", "AdapterMap", "TinyViT", "build_lite_image_encoder"]
 #: A per-block adapter: channel-last tokens (N, H, W, C) -> same shape.
 Adapter = Callable[[Tensor], Tensor]
 #: ``{(layer_index, block_index): (attn_adapter, mlp_adapter)}`` for attention layers (index >= 1).
-AdapterMap = Mapping[tuple[int, int], tuple[Optional[Adapter], Optional[Adapter]]]
+AdapterMap = Mapping[tuple[int, int], tuple[Adapter | None, Adapter | None]]
 
 
 class ConvBN(nn.Module):
@@ -186,8 +185,8 @@ class TinyViTBlock(nn.Module):
         t = t.reshape(n, gh, gw, ws, ws, c).transpose(2, 3).reshape(n, gh * ws, gw * ws, c)
         return t[:, :h, :w]
 
-    def forward(self, x: Tensor, attn_adapter: Optional[Adapter] = None,
-                mlp_adapter: Optional[Adapter] = None) -> Tensor:
+    def forward(self, x: Tensor, attn_adapter: Adapter | None = None,
+                mlp_adapter: Adapter | None = None) -> Tensor:
         x = x + self._window_attention(x)
         if attn_adapter is not None:
             x = x + attn_adapter(x)
@@ -201,7 +200,7 @@ class TinyViTBlock(nn.Module):
 class ConvStage(nn.Module):
     """Stage 0: MBConv ``blocks`` on channel-first maps, then ``downsample``."""
 
-    def __init__(self, dim: int, depth: int, expand_ratio: float, downsample: Optional[PatchMerging]) -> None:
+    def __init__(self, dim: int, depth: int, expand_ratio: float, downsample: PatchMerging | None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(MBConv(dim, expand_ratio) for _ in range(depth))
         self.downsample = downsample
@@ -211,7 +210,7 @@ class AttentionStage(nn.Module):
     """Stages 1..: TinyViT ``blocks`` on channel-last tokens, then an optional ``downsample``."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
-                 local_conv_size: int, downsample: Optional[PatchMerging]) -> None:
+                 local_conv_size: int, downsample: PatchMerging | None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             TinyViTBlock(dim, num_heads, window_size, mlp_ratio, local_conv_size) for _ in range(depth))
@@ -279,8 +278,8 @@ class TinyViT(nn.Module):
     def forward_features(
         self,
         x: Tensor,
-        adapters: Optional[AdapterMap] = None,
-        stage_input_hook: Optional[Adapter] = None,
+        adapters: AdapterMap | None = None,
+        stage_input_hook: Adapter | None = None,
         *,
         checkpoint_blocks: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:

@@ -27,7 +27,7 @@ def load_checkpoint(path: str | Path) -> RunFile:
         raise MaskSAMError(f"checkpoint not found: {path}")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
+    except Exception as error:  # any unpickling failure means a bad file
         raise MaskSAMError(
             f"cannot read checkpoint {path} ({type(error).__name__}: {error}); the file is corrupt or "
             "not a MaskSAM checkpoint: use checkpoint_best.pt / checkpoint_last.pt of a run folder"

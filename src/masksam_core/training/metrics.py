@@ -78,12 +78,12 @@ def validate_iter(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], cl
     counts = [count_windows(np.shape(image)[1:], model.patch_size, 0.5) for image, _ in volumes]
     total = sum(counts)
     dices, done = [], 0
-    for (image, labels), count in zip(volumes, counts):
+    for (image, labels), count in zip(volumes, counts, strict=True):
         volume = torch.from_numpy(np.array(image, dtype=np.float32))
         if gt_mode:
             volume = torch.cat([volume, torch.from_numpy(np.array(labels, dtype=np.float32))[None]])
         windows = sliding_window(volume, predictor, model.patch_size, device=device, accumulate_on="cpu", batch_size=1)
-        scores = yield from relay(windows, lambda progress: (done + progress.done, total), should_stop)
+        scores = yield from relay(windows, lambda progress, before=done: (before + progress.done, total), should_stop)
         if scores is None:  # stopped
             return None
         done += count
