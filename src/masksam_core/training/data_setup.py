@@ -30,7 +30,7 @@ from . import distributed as dist
 
 if TYPE_CHECKING:
     from ..data.dataset import DatasetSpec
-    from .config import TrainConfig
+    from .config import ResolvedConfig
 
 
 @dataclass
@@ -132,7 +132,7 @@ def check_same_dataset(spec: DatasetSpec, plans: Plans, out: Path, cache: Path) 
     return f"the data set is now {now} (the run began on {was}, with the same cases)" if was != now else ""
 
 
-def _plans(config: TrainConfig, spec: DatasetSpec, out: Path, plans: Plans | None,
+def _plans(config: ResolvedConfig, spec: DatasetSpec, out: Path, plans: Plans | None,
            patch_size: tuple[int, int, int]) -> Plans:
     """The run's plans: given (resuming: the checkpoint's), else made and saved by rank 0, then read."""
     plans_path = out / "plans.json"
@@ -153,7 +153,7 @@ def _plans(config: TrainConfig, spec: DatasetSpec, out: Path, plans: Plans | Non
     return load_plans(plans_path)  # every rank (and a later resume) uses the plans exactly as saved
 
 
-def prepare_data(config: TrainConfig, out: Path, *, patch_size: tuple[int, int, int],
+def prepare_data(config: ResolvedConfig, out: Path, *, patch_size: tuple[int, int, int],
                  plans: Plans | None = None) -> DataBundle:
     """Check, plan (or use ``plans``), preprocess and split; returns what the trainer needs.
 
