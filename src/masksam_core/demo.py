@@ -54,8 +54,10 @@ def _centre(labels: np.ndarray) -> tuple[int, int, int]:
     """Voxel (z, y, x) at the centre of the labelled voxels (the volume's centre when there are none)."""
     found = np.argwhere(labels > 0)
     if found.size == 0:
-        return tuple(int(n // 2) for n in labels.shape)  # type: ignore[return-value]
-    return tuple(int(v) for v in np.round(found.mean(axis=0)))  # type: ignore[return-value]
+        z, y, x = (int(n // 2) for n in labels.shape)
+        return z, y, x
+    z, y, x = (int(v) for v in np.round(found.mean(axis=0)))
+    return z, y, x
 
 
 def _display_views(image: np.ndarray, labels: np.ndarray, affine: np.ndarray

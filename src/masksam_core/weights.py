@@ -297,7 +297,7 @@ def detect_backbone(state_dict: Mapping[str, Any]) -> str | None:
             shape = tuple(state_dict[key].shape)
             dim = shape[-1] if key.endswith("pos_embed") else shape[0]
             break
-    return _VIT_SHAPES.get((max(blocks) + 1, dim))
+    return None if dim is None else _VIT_SHAPES.get((max(blocks) + 1, dim))
 
 
 def check_backbone(state_dict: Mapping[str, Any], expected: str) -> str:

@@ -80,7 +80,8 @@ def scan_translate(geometry: ImageGeometry) -> tuple[float, float, float]:
         xyz = np.linalg.solve(directions, np.asarray(geometry.affine, dtype=np.float64)[:3, 3])
     except np.linalg.LinAlgError:
         return (0.0, 0.0, 0.0)
-    return tuple(float(v) for v in xyz[::-1])  # type: ignore[return-value]
+    z, y, x = (float(v) for v in xyz[::-1])
+    return z, y, x
 
 
 def image_layer_kwargs(array: np.ndarray, geometry: ImageGeometry, name: str) -> dict[str, Any]:
@@ -150,7 +151,8 @@ def volume_of(layer: Any) -> tuple[np.ndarray, tuple[float, float, float], Image
     if min(array.shape) < 1:
         raise MaskSAMError(f"layer {layer.name!r} is empty (shape {array.shape})")
     geometry = geometry_of(layer)
-    return array, tuple(float(s) for s in geometry.spacing), geometry  # type: ignore[return-value]
+    sz, sy, sx = (float(s) for s in geometry.spacing)
+    return array, (sz, sy, sx), geometry
 
 
 def class_names_of(layer: Any) -> list[str]:

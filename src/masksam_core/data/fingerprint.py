@@ -34,7 +34,8 @@ def read_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     from ..io import read_image
 
     array, geometry = read_image(path)
-    return np.asarray(array), tuple(float(s) for s in geometry.spacing)  # type: ignore[return-value]
+    sz, sy, sx = (float(s) for s in geometry.spacing)
+    return np.asarray(array), (sz, sy, sx)
 
 
 def read_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
@@ -43,7 +44,7 @@ def read_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, tuple[float, f
     The spacing is the first channel's. Raises :class:`PlansError` when channels
     or labels do not share one shape, or the labels are not integers.
     """
-    arrays = []
+    arrays: list[np.ndarray] = []
     spacing: tuple[float, float, float] | None = None
     for path in case.images:
         array, spc = read_volume(Path(path))

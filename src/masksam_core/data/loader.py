@@ -193,7 +193,8 @@ class PatchSampler:
             dst.append(slice(a - f, a - f + max(b - a, 0)))
         img = np.zeros((image.shape[0], *self.sample_size), dtype=np.float32)
         lab = np.zeros(self.sample_size, dtype=labels.dtype)
-        img[(slice(None), *dst)] = image[(slice(None), *src)]
+        into, outof = (slice(None), *dst), (slice(None), *src)
+        img[into] = image[outof]
         lab[tuple(dst)] = labels[tuple(src)]
         return img, lab
 

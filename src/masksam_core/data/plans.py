@@ -28,7 +28,7 @@ PLANS_VERSION = 1
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD
 # resampling orders as in nnU-Net's default planner: images 3rd-order spline, labels
 # one-hot linear, probabilities linear; order 0 (nearest) along a separate (anisotropic) axis
-RESAMPLING = {
+RESAMPLING: dict[str, Any] = {
     "threshold": ANISOTROPY_THRESHOLD,
     "image_order": 3, "image_order_z": 0,
     "label_order": 1, "label_order_z": 0,

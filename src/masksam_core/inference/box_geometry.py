@@ -52,7 +52,8 @@ def _paired_spans(rects: Sequence[Rectangle]) -> tuple[list[tuple[float, ...]], 
     if len(slices) != 2 or len(first) * 2 != len(rects):
         return [], list(rects)
     rest = [r for r in rects if r[0] == slices[1]]
-    spans, single = [], []
+    spans: list[tuple[float, ...]] = []
+    single: list[Rectangle] = []
     for r in first:
         centre = np.array([r[1] + r[3], r[2] + r[4]])
         j = min(range(len(rest)),

@@ -31,10 +31,10 @@ after every batch and between the resampling of classes, and raises
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -138,8 +138,8 @@ class Predictor:
     ``training_config`` (the run's ``masksam-core train`` settings; empty when unknown).
     """
 
-    def __init__(self, run_dir_or_checkpoint: str | Path, *, device: str | torch.device = "auto",
-                 base_checkpoint: str | Path | None = None, amp: str = "auto",
+    def __init__(self, run_dir_or_checkpoint: str | os.PathLike[str], *, device: str | torch.device = "auto",
+                 base_checkpoint: str | os.PathLike[str] | None = None, amp: str = "auto",
                  query_chunk: int | str | None = "auto", compile: bool = False) -> None:
         from ..devices import autocast_dtype, select_device
         from ..runs import load_run

@@ -150,5 +150,6 @@ def sliding_window(
         yield Progress(min(first + batch_size, len(windows)), len(windows), time.perf_counter() - start)
     assert total is not None
     result = total / norm
-    return result[(slice(None), *(slice(b, b + n) for b, n in zip(before, shape, strict=True)))]
+    inside = (slice(None), *(slice(b, b + n) for b, n in zip(before, shape, strict=True)))
+    return result[inside]
 

@@ -8,6 +8,7 @@ arguments; the registry maps a name to its builder.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -306,7 +307,7 @@ def build_backbone(name: str, *, image_size: int | None = None) -> SamBackbone:
 
 def load_sam_backbone(
     name: str,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     *,
     image_size: int | None = None,
     pretrained: bool = True,

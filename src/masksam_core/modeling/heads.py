@@ -69,7 +69,8 @@ class FinalConv(nn.Module):
         self.upsample = nn.Sequential(*ups) if ups else nn.Identity()
         self.conv_out = nn.Conv3d(hidden, 1, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        if self.conv_out.bias is not None:  # it has one (bias=True): the stub allows None
+            nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, q, t, h, w = x.shape

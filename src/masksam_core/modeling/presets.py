@@ -8,9 +8,9 @@ follow its Table 5; ``lite`` and ``tiny`` are this project's own.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import ModelError
 from .backbone import PRETRAINED, build_backbone, load_sam_backbone
@@ -108,7 +108,7 @@ def resolve_preset(preset: str | Preset, **overrides: object) -> Preset:
 
 def build_model(
     preset: str | Preset,
-    base_checkpoint: str | Path | None = None,
+    base_checkpoint: str | os.PathLike[str] | None = None,
     *,
     num_classes: int | None = None,
     in_channels: int = 1,

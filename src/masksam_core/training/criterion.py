@@ -132,6 +132,8 @@ class SetCriterion(nn.Module):
         oversample_ratio, importance_ratio: PointRend importance sampling (see ``uncertain_points``).
     """
 
+    class_weight: torch.Tensor  # a buffer
+
     def __init__(
         self,
         num_classes: int,

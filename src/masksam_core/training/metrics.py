@@ -39,7 +39,9 @@ def validate(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_n
     None where none does) and ``val_mean_dice`` (their mean; 0.0 when no class was present). Leaves
     ``model`` in eval mode. :func:`validate_iter` is the same with progress and a way to stop.
     """
-    return drive(validate_iter(model, volumes, class_names, device, amp))
+    scores = drive(validate_iter(model, volumes, class_names, device, amp))
+    assert scores is not None  # without should_stop the validation is never cut short
+    return scores
 
 
 def validate_on_main(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_names: Sequence[str],
