@@ -189,7 +189,7 @@ def fingerprint(labels: Any) -> str:
     """A digest of a label array's shape, type and values (to tell whether someone edited it)."""
     array = np.ascontiguousarray(np.asarray(labels))
     digest = hashlib.blake2b(f"{array.shape}{array.dtype.str}".encode(), digest_size=16)
-    digest.update(memoryview(array).cast("B"))
+    digest.update(array.data.cast("B"))
     return digest.hexdigest()
 
 

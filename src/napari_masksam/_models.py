@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from magicgui.types import FileDialogMode
 from magicgui.widgets import ComboBox, Container, FileEdit
 from psygnal import Signal
 
@@ -36,6 +37,14 @@ log = logging.getLogger(__name__)
 
 RUNS_FILE_NAME = "napari_runs.json"
 MAX_RUNS = 50
+
+
+def chosen_path(edit: FileEdit) -> Path | None:
+    """The path chosen in a single-path ``FileEdit`` (None when a nullable one is empty)."""
+    value = edit.value
+    if isinstance(value, tuple):
+        raise TypeError(f"{edit.label!r} chooses one path, not {len(value)}")
+    return value
 
 
 class _Events:
@@ -154,7 +163,8 @@ class ModelPicker(Container):
     def __init__(self, choices: Callable[..., Choices], **kwargs: Any) -> None:
         self._choices = choices
         self.combo = ComboBox(choices=choices, nullable=False, tooltip="the model to run")
-        self.browse = FileEdit(mode="d", nullable=True, tooltip="add a training run folder (or type the path of "
+        self.browse = FileEdit(mode=FileDialogMode.EXISTING_DIRECTORY, nullable=True,
+                               tooltip="add a training run folder (or type the path of "
                                "a checkpoint .pt file); it is remembered across sessions")
         self.browse.choose_btn.text = "Browse..."
         super().__init__(widgets=[self.combo, self.browse], labels=False, **kwargs)
@@ -202,7 +212,7 @@ class ModelPicker(Container):
 
     def _check_chosen(self, *_: Any) -> None:
         """Say why a chosen folder or file was not added (typing passes through such paths quietly)."""
-        path = self.browse.value
+        path = chosen_path(self.browse)
         if not path or checkpoint_of(path) is not None:
             return
         from napari.utils.notifications import show_warning

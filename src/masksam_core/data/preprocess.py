@@ -97,6 +97,8 @@ def normalize_image(image: np.ndarray, plans: Plans) -> np.ndarray:
         if norm.scheme == "ct":
             np.clip(channel, norm.lower, norm.upper, out=channel)
             mean, std = norm.mean, norm.std
+            if mean is None or std is None:
+                raise PlansError(f"the plans' ct normalisation of channel {c} lacks its mean and std; plan again")
         elif norm.scheme == "zscore":
             mean, std = channel.mean(dtype=np.float64), channel.std(dtype=np.float64)
         else:
@@ -254,7 +256,7 @@ def _paths(cache_dir: Path, case_id: str) -> PreprocessedCase:
 def case_key(case: Case, plans_key: str) -> str:
     """Cache key of a case: the plans' preprocessing key and each source file's path, size and mtime_ns."""
     files = []
-    for path in [*case.images, case.label]:
+    for path in case.images if case.label is None else [*case.images, case.label]:
         try:
             st = Path(path).stat()
         except OSError as error:

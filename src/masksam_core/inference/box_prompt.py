@@ -36,6 +36,7 @@ import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,6 +48,9 @@ from ..errors import MaskSAMError
 from ..modeling.backbone import SamBackbone
 from ..progress import drive
 from .sliding_window import Progress, sliding_window
+
+if TYPE_CHECKING:
+    from ..modeling.masksam import MaskSAM
 
 __all__ = ["BASE_MODELS", "BoxPrompter", "SliceFrame", "add_cli", "check_boxes"]
 
@@ -103,7 +107,7 @@ def check_boxes(boxes: Sequence[Sequence[int]], shape: Sequence[int]) -> list[tu
     """Validate half-open boxes (z0, z1, y0, x0, y1, x1) against a (Z, Y, X) ``shape``."""
     if len(boxes) == 0:
         raise MaskSAMError("no box given; give at least one box Z0 Z1 Y0 X0 Y1 X1")
-    out = []
+    out: list[tuple[int, ...]] = []
     z, y, x = (int(v) for v in shape[-3:])
     for i, box in enumerate(boxes, 1):
         try:
@@ -147,7 +151,7 @@ class BoxPrompter:
         self.device = select_device(device)
         self.amp = autocast_dtype(self.device, amp, cpu_bf16=True)
         self.sam: SamBackbone | None = None
-        self.run_model: torch.nn.Module | None = None
+        self.run_model: MaskSAM | None = None
         self.plans: Plans | None = None
         if isinstance(model, SamBackbone):
             self.sam, self.name = model, model.name
@@ -295,8 +299,11 @@ def _cli(args: argparse.Namespace) -> int:
     unit = "slice" if prompter.mode == "zero-shot" else "window"
     with tqdm(desc=f"{Path(args.input).name} ({len(boxes)} box{'es' if len(boxes) > 1 else ''})", unit=unit,
               dynamic_ncols=True) as bar:
-        labels = drive(prompter.segment_iter(volume, boxes, spacing=geometry.spacing),
-                               lambda p: (setattr(bar, "total", p.total), bar.update(p.done - bar.n)))
+        def show(progress: Progress) -> None:
+            bar.total = progress.total
+            bar.update(progress.done - bar.n)
+
+        labels = drive(prompter.segment_iter(volume, boxes, spacing=geometry.spacing), show)
     write_labels(out, labels, geometry, class_names=names, overwrite=args.overwrite)
     found = ", ".join(f"box {i}: {int((labels == i).sum())} voxels" for i in range(1, len(boxes) + 1))
     print(f"wrote {out} ({found})")

@@ -235,6 +235,7 @@ class Predictor:
                 raise MaskSAMError(f"out of GPU memory on {self.device}: use --batch-size 1, --device cpu, "
                                    "or a smaller preset") from None
         del pre
+        assert scores is not None  # _check_cancel raises rather than returning a stop
         labels, probabilities = self._to_input_grid(scores.cpu().numpy(), image.shape[1:], spacing,
                                                     return_probabilities, cancel)
         return Prediction(labels, probabilities, list(self.class_names))

@@ -149,7 +149,6 @@ def sliding_window(
             norm[z : z + t, y : y + h, x : x + w] += weight
         yield Progress(min(first + batch_size, len(windows)), len(windows), time.perf_counter() - start)
     assert total is not None
-    result = total / norm
     inside = (slice(None), *(slice(b, b + n) for b, n in zip(before, shape, strict=True)))
-    return result[inside]
+    return (total / norm)[inside]
 

@@ -11,6 +11,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ModelError
 from .backbone import PRETRAINED, build_backbone, load_sam_backbone
@@ -94,7 +95,7 @@ def get_preset(preset: str | Preset) -> Preset:
     return PRESETS[preset]
 
 
-def resolve_preset(preset: str | Preset, **overrides: object) -> Preset:
+def resolve_preset(preset: str | Preset, **overrides: Any) -> Preset:
     """The preset with ``overrides`` applied (unknown names are a clear error)."""
     base = get_preset(preset)
     fields = {f.name for f in dataclasses.fields(Preset)} - {"name"}
@@ -102,8 +103,8 @@ def resolve_preset(preset: str | Preset, **overrides: object) -> Preset:
     if unknown:
         raise ModelError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
     if "patch_size" in overrides:
-        overrides["patch_size"] = tuple(int(v) for v in overrides["patch_size"])  # type: ignore[union-attr]
-    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+        overrides["patch_size"] = tuple(int(v) for v in overrides["patch_size"])
+    return dataclasses.replace(base, **overrides)
 
 
 def build_model(

@@ -47,7 +47,7 @@ def model_card_path(name: str) -> Path:
     return asset_path(Path(BUNDLED[name]).with_suffix(".md").name)
 
 
-def find_model(name_or_path: str | Path) -> Path:
+def find_model(name_or_path: str | os.PathLike[str]) -> Path:
     """A bundled model's file for its name; any other value is returned as a path."""
     text = str(name_or_path)
     if text in BUNDLED and not Path(text).exists():

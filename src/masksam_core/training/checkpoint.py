@@ -28,7 +28,8 @@ from ..runs import FORMAT, RUN_KIND, BuildSpec, RunFile, base_weights_info
 
 def rng_state() -> dict[str, Any]:
     """Every random generator the training loop uses, as tensors and plain values."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True: the MT19937 state tuple
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
