@@ -134,7 +134,7 @@ def guarded(record: dict[str, Any], device: torch.device, fn: Callable[..., dict
     try:
         record.update(fn(*args, **kwargs))
         record["status"] = "ok"
-    except Exception as error:  # noqa: BLE001 - every failure becomes a row of the results
+    except Exception as error:  # every failure becomes a row of the results
         record["status"] = "oom" if is_oom(error) else "error"
         record["error"] = f"{type(error).__name__}: {str(error).strip()[:500]}"
         if record["status"] == "error":

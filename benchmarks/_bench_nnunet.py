@@ -117,7 +117,7 @@ def topology(spacing: tuple[float, ...], patch: tuple[int, ...]) -> tuple[list[l
         kernels.append(list(kernel))
     kernels.append([3] * dims)
     divisible = [2**p for p in pools]
-    rounded = tuple(int(p) if p % d == 0 else int(p + d - p % d) for p, d in zip(patch, divisible))
+    rounded = tuple(int(p) if p % d == 0 else int(p + d - p % d) for p, d in zip(patch, divisible, strict=True))
     return strides, kernels, rounded, divisible
 
 
@@ -157,11 +157,11 @@ def plan_3d_fullres(shape: tuple[int, ...] = DEFAULT_SHAPE, spacing: tuple[float
     spacing = tuple(float(s) for s in spacing)  # rule 1: every case has this spacing
     inverse = 1 / np.asarray(spacing, dtype=np.float64)
     initial = [round(float(v)) for v in inverse * (256**3 / np.prod(inverse)) ** (1 / 3)]
-    patch = tuple(min(p, int(s)) for p, s in zip(initial, shape))
+    patch = tuple(min(p, int(s)) for p, s in zip(initial, shape, strict=True))
     strides, kernels, patch, divisible = topology(spacing, patch)
     estimate = _estimate(spacing, patch, strides, kernels, num_classes, in_channels)
     while estimate > REFERENCE_3D:
-        axis = int(np.argsort([p / s for p, s in zip(patch, shape)])[-1])
+        axis = int(np.argsort([p / s for p, s in zip(patch, shape, strict=True)])[-1])
         trial = list(patch)
         trial[axis] -= divisible[axis]
         _, _, _, step = topology(spacing, tuple(trial))

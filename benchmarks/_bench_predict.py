@@ -3,7 +3,8 @@
 MaskSAM: a run folder holding a randomly initialised model of the preset (``build_model(...,
 pretrained=False)``, its random base weights stored in the checkpoint as ``tiny`` runs do; the speed
 does not depend on the weights), loaded with ``Predictor(run_dir, device=..., amp=...)``. Its plans
-say the volume is already at the target spacing, so ``Predictor.predict_iter`` runs its full path: normalisation, the half-overlapping Gaussian-weighted sliding window (8 mirrored passes per window
+say the volume is already at the target spacing, so ``Predictor.predict_iter`` runs its full path:
+normalisation, the half-overlapping Gaussian-weighted sliding window (8 mirrored passes per window
 with TTA), the window sums on the device they fit, the return to the input grid and the argmax. Its
 phases are timed: ``preprocess_s`` (until the first progress report), ``windows_s`` (until the last
 window, device synchronised) and ``postprocess_s`` (resampling back and labels).
@@ -207,7 +208,7 @@ def nnunet_item(plan: Any, volume: np.ndarray, spacing: tuple[float, float, floa
     plans = Plans.from_dict(identity_plans(spacing, names, "nnunet-3d_fullres", patch))
     pre = torch.from_numpy(preprocess_image(volume[None], spacing, plans))
     preprocess_s = time.perf_counter() - start
-    padded = [max(n, p) for n, p in zip(pre.shape[1:], patch)]
+    padded = [max(n, p) for n, p in zip(pre.shape[1:], patch, strict=True)]
     on = accumulation_device(device, num_classes + 1, padded)
     windows_start = time.perf_counter()  # like Predictor: the copy to the accumulation device counts
     gen = sliding_window(pre.to(on), logits, patch, overlap=0.5, batch_size=window_batch,

@@ -13,7 +13,8 @@ preprocessing + first batch + the other windows × their mean time (marked ``est
 resampling back, about a second, is then left out). Writes JSON and a markdown table.
 
     python benchmarks/predict_cpu.py [--presets tiny lite] [--tta off on] [--step-size 0.5]
-        [--max-windows N] [--compile off on] [--amp auto] [--device cpu] [--data ../shared/data] [--work /tmp/masksam-bench]
+        [--max-windows N] [--compile off on] [--amp auto] [--device cpu] [--data ../shared/data]
+        [--work /tmp/masksam-bench]
         [--out benchmarks/results/predict_cpu]
 """
 
@@ -82,6 +83,11 @@ def make_run(preset: str, data: Path, work: Path) -> Path | str:
     return run
 
 
+def _estimate_note(row: dict) -> str:
+    """The note "(estimate from N windows)" of a row timed with --max-windows; empty otherwise."""
+    return f" (estimate from {row['windows_timed']:d} windows)" if row["estimate"] else ""
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "lite"])
@@ -122,10 +128,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
              "| preset | TTA | precision | compiled | step | windows | first batch (s) | seconds per window "
              "| whole CT (s) | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['preset']} | {r['tta']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | {r['step_size']} | "
-              f"{r['windows']} | "
+    lines += [f"| {r['preset']} | {r['tta']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | "
+              f"{r['step_size']} | {r['windows']} | "
               f"{r['first_batch_s']:.1f} | {r['seconds_per_window']:.2f} | "
-              f"{r['seconds']:.1f}{' (estimate from %d windows)' % r['windows_timed'] if r['estimate'] else ''} | "
+              f"{r['seconds']:.1f}{_estimate_note(r)} | "
               f"{r['peak_rss_mb']:.0f} |" for r in rows]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

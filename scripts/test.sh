@@ -8,7 +8,9 @@
 #
 # Steps: system packages for a virtual X display (Xvfb + Mesa + Qt's xcb
 # libraries; apt only when something is missing), the .venv (see
-# scripts/_setup_env.sh), then pytest under Xvfb. Exits with pytest's status.
+# scripts/_setup_env.sh), lint (ruff) and type checks (mypy), then pytest
+# under Xvfb. A lint or type error stops the script (status 1) before pytest;
+# otherwise it exits with pytest's status.
 set -euo pipefail
 
 # shellcheck source=scripts/_setup_env.sh
@@ -54,7 +56,19 @@ fi
 # --- 2. Python environment ---------------------------------------------------
 masksam_setup_venv
 
-# --- 3. tests ----------------------------------------------------------------
+# --- 3. lint and types ------------------------------------------------------
+masksam_log "Running ruff check src tests benchmarks scripts"
+if ! "$VENV/bin/ruff" check src tests benchmarks scripts; then
+    echo "error: lint step failed (ruff check src tests benchmarks scripts): fix the findings above" >&2
+    exit 1
+fi
+masksam_log "Running mypy (settings in pyproject.toml)"
+if ! "$VENV/bin/mypy"; then
+    echo "error: type-check step failed (mypy): fix the errors above" >&2
+    exit 1
+fi
+
+# --- 4. tests ----------------------------------------------------------------
 # GUI tests must run, never be skipped for lack of a display (tests/conftest.py).
 export MASKSAM_REQUIRE_GUI=1
 # Qt's offscreen platform has no OpenGL for napari's canvas; use the X display.

@@ -94,9 +94,9 @@ def compare_with_plain_decoder(model, *, device: str, pe_per_slice: bool = True)
     want, ref_grads = run(plain_decoder)
     if got[0].shape != (n, 1, 4 * h, 4 * h) or got[1].shape != (n, adapters.class_head.out_features):
         raise AssertionError(f"unexpected shapes {got[0].shape}, {got[1].shape}")
-    errors = {"fp32": max(_rel(g, w) for g, w in zip(got, want)),
-              "fp32_grad": max(_rel(g, w) for g, w in zip(grads, ref_grads))}
+    errors = {"fp32": max(_rel(g, w) for g, w in zip(got, want, strict=True)),
+              "fp32_grad": max(_rel(g, w) for g, w in zip(grads, ref_grads, strict=True))}
     with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         fast, plain = ours(adapters, *args), plain_decoder(adapters, *args)
-    errors["bf16"] = [(_rel(f.float(), w), _rel(p.float(), w)) for f, p, w in zip(fast, plain, want)]
+    errors["bf16"] = [(_rel(f.float(), w), _rel(p.float(), w)) for f, p, w in zip(fast, plain, want, strict=True)]
     return errors

@@ -38,7 +38,7 @@ def blobs(shape: tuple[int, ...], n: int = 6, classes: tuple[int, ...] = (1, 2, 
     for i in range(n):
         centre = [rng.uniform(0.2 * s, 0.8 * s) for s in shape]
         radii = [max(1.5, rng.uniform(0.1, 0.3) * s) for s in shape]
-        inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1
+        inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) <= 1
         labels[inside] = classes[i % len(classes)]
     return labels
 
@@ -52,7 +52,7 @@ def encoded_image(labels: np.ndarray) -> np.ndarray:
 
 def centre(array: np.ndarray, patch: tuple[int, ...]) -> np.ndarray:
     """Centre crop of the last three axes (even size differences)."""
-    sl = tuple(slice((s - p) // 2, (s - p) // 2 + p) for s, p in zip(array.shape[-3:], patch))
+    sl = tuple(slice((s - p) // 2, (s - p) // 2 + p) for s, p in zip(array.shape[-3:], patch, strict=True))
     return array[(..., *sl)]
 
 

@@ -95,7 +95,6 @@ def test_encoder_flops_match_hand_count(bench):
 def test_nnunet_plan_for_default_ct(bench):
     """nnU-Net's planner rules give the documented 3d_fullres network for 128×512×512 at 3×0.78×0.78 mm."""
     import torch
-
     from benchmarks._bench_nnunet import DEFAULT_PLAN, build_plain_unet, plan_3d_fullres
 
     plan = plan_3d_fullres((128, 512, 512), (3.0, 0.78, 0.78), num_classes=14)

@@ -159,7 +159,7 @@ def test_box_errors():
     with pytest.raises(MaskSAMError, match="whole voxel indices"):
         check_boxes([(0, 2, 0.5, 0, 5, 5)], shape)
     assert check_boxes([np.array([0, 4, 0, 0, 20, 30])], shape) == [(0, 4, 0, 0, 20, 30)]
-    with pytest.raises(MaskSAMError, match="unknown model 'vit_x'.*lite, vit_b, vit_l, vit_h"):
+    with pytest.raises(MaskSAMError, match=r"unknown model 'vit_x'.*lite, vit_b, vit_l, vit_h"):
         BoxPrompter("vit_x", device="cpu")
     with pytest.raises(MaskSAMError, match="weights file not found"):
         BoxPrompter("vit_b", device="cpu", checkpoint="/nonexistent/sam_vit_b.pth")
@@ -234,7 +234,7 @@ def test_gt_run_real_model_and_errors(tmp_path):
     assert set(np.unique(labels)) <= {0, 1} and not labels[:2].any() and not labels[4:].any()
     with pytest.raises(MaskSAMError, match="pass the volume's spacing"):
         prompter.segment(volume, [(2, 4, 5, 5, 30, 40)])
-    with pytest.raises(MaskSAMError, match="--prompt-mode auto.*--prompt-mode gt"):
+    with pytest.raises(MaskSAMError, match=r"--prompt-mode auto.*--prompt-mode gt"):
         BoxPrompter(_run_dir(tmp_path, "auto"), device="cpu")
 
 
@@ -263,7 +263,8 @@ def test_cli_gt_run_end_to_end_and_errors(tmp_path, capsys):
     tif = ["prompt", "-i", str(tmp_path / "scan.nii.gz"), "-o", str(tmp_path / "seg.tif"), "--model", "no-such-model"]
     assert main([*tif, "--box", "1", "3", "5", "5", "30", "40"]) == 1
     assert f"{tmp_path / 'seg.classes.json'} already exists; pass --overwrite" in capsys.readouterr().err
-    assert main([*tif, "--box", "1", "3", "5", "5", "30", "40", "--box", "1", "3", "0", "0", "4", "4", "--overwrite"]) == 1
+    assert main([*tif, "--box", "1", "3", "5", "5", "30", "40", "--box", "1", "3", "0", "0", "4", "4",
+                 "--overwrite"]) == 1
     assert "seg.classes.json holds the class names of seg.nii.gz" in capsys.readouterr().err
 
 
@@ -358,11 +359,11 @@ def test_rectangle_edges_map_to_the_voxels_they_overlap():
     assert boxes_from_rectangles([(0, -5.0, 25.0, 3.0, 40.0)], shape, (0, 5)) == [(0, 6, 0, 25, 4, 30)]
     with pytest.raises(MaskSAMError, match="box 1 lies outside the image in-plane"):
         boxes_from_rectangles([(1, 30.0, 30.0, 40.0, 40.0)], shape, (0, 5))
-    with pytest.raises(MaskSAMError, match="rectangle 1 is on slice 7, outside the image's slices 0..5"):
+    with pytest.raises(MaskSAMError, match=r"rectangle 1 is on slice 7, outside the image's slices 0..5"):
         boxes_from_rectangles([(7, 0.0, 0.0, 4.0, 4.0)], shape, (0, 5))
     with pytest.raises(MaskSAMError, match="no boxes"):
         boxes_from_rectangles([], shape, (0, 5))
-    with pytest.raises(MaskSAMError, match="z-range 4..3 is empty"):
+    with pytest.raises(MaskSAMError, match=r"z-range 4..3 is empty"):
         boxes_from_rectangles([(3, 0, 0, 2, 2)], (6, 20, 20), (4, 3))
 
 
@@ -372,7 +373,7 @@ def test_rectangles_of_two_objects_on_two_slices_stay_two_boxes():
     assert boxes_from_rectangles(ends, (12, 40, 40), (0, 0)) == [(4, 10, 10, 8, 24, 20)]
     apart = [(4, -0.5, -0.5, 9.5, 9.5), (9, 24.5, 24.5, 34.5, 34.5)]  # two organs, one rectangle each
     assert boxes_from_rectangles(apart, (12, 40, 40), (3, 10)) == [(3, 11, 0, 0, 10, 10), (3, 11, 25, 25, 35, 35)]
-    with pytest.raises(Exception, match="rectangle 2 is on slice 9, outside the z-range 3..6"):
+    with pytest.raises(Exception, match=r"rectangle 2 is on slice 9, outside the z-range 3..6"):
         boxes_from_rectangles(apart, (12, 40, 40), (3, 6))  # said, not silently merged
 
 

@@ -221,14 +221,14 @@ def test_matcher_equals_brute_force(seed):
     costs = matcher.cost_matrices(outputs, targets)
     indices = matcher(outputs, targets)
     tsz = labels.shape[1]
-    for s, (tgt, (pred_idx, tgt_idx)) in enumerate(zip(targets, indices)):
+    for s, (tgt, (pred_idx, tgt_idx)) in enumerate(zip(targets, indices, strict=True)):
         b, t = divmod(s, tsz)
         classes = tgt["labels"].tolist()
         ref = torch.tensor([[_reference_cost(outputs, labels, b, t, i, c) for c in classes] for i in range(q)])
         torch.testing.assert_close(costs[s], ref, rtol=1e-5, atol=1e-5)
         k = len(classes)
         best = min(itertools.permutations(range(q), k), key=lambda p: sum(ref[p[j], j] for j in range(k)))
-        assert sorted(zip(pred_idx.tolist(), tgt_idx.tolist())) == sorted((best[j], j) for j in range(k))
+        assert sorted(zip(pred_idx.tolist(), tgt_idx.tolist(), strict=True)) == sorted((best[j], j) for j in range(k))
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -238,7 +238,7 @@ def test_matcher_with_sampled_points_is_optimal_for_its_costs(seed):
     matcher = HungarianMatcher(num_points=64)
     costs = matcher.cost_matrices(outputs, targets, torch.Generator().manual_seed(seed))
     indices = matcher(outputs, targets, torch.Generator().manual_seed(seed))
-    for cost, (pred_idx, tgt_idx) in zip(costs, indices):
+    for cost, (pred_idx, tgt_idx) in zip(costs, indices, strict=True):
         k = cost.shape[1]
         brute = min(sum(cost[p[j], j].item() for j in range(k)) for p in itertools.permutations(range(6), k))
         assert cost[pred_idx, tgt_idx].sum().item() == pytest.approx(brute, abs=1e-5)
@@ -290,7 +290,7 @@ def test_perfect_prediction_has_near_zero_losses():
     indices = HungarianMatcher(num_points=128)(outputs, slice_targets(labels, 3), g)  # sampled points
     for s, (pred_idx, tgt_idx) in enumerate(indices):
         classes = slice_targets(labels[:, s : s + 1], 3)[0]["labels"]
-        assert {int(classes[j]): int(i) for i, j in zip(pred_idx, tgt_idx)} == assignment[s]
+        assert {int(classes[j]): int(i) for i, j in zip(pred_idx, tgt_idx, strict=True)} == assignment[s]
     # Every pixel: sub-pixel points between a +10 and a -10 pixel read logit ~0 and target ~0.5
     # (bilinear), where BCE cannot be below log 2, so "near zero" is a pixel-level statement.
     criterion = SetCriterion(3, HungarianMatcher(num_points=None), num_points=None)

@@ -86,9 +86,8 @@ def test_compiled_training_step_matches_the_plain_one(tmp_path):
 def test_decoder_matches_the_plain_decoder_on_the_gpu(pe_per_slice):
     """The optimised 3D mask decoder against the plainly written one (tests/reference_decoder.py) on
     CUDA: fp32 outputs and gradients (TF32 off), and bf16 autocast no further from fp32 than the plain one."""
-    from reference_decoder import compare_with_plain_decoder, perturbed
-
     from masksam_core.modeling import build_model
+    from reference_decoder import compare_with_plain_decoder, perturbed
 
     model = perturbed(build_model("tiny", pretrained=False, num_classes=3))
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

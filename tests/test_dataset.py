@@ -11,8 +11,7 @@ import pytest
 import tifffile
 
 from masksam_core.cli import main
-from masksam_core.data.dataset import (DatasetError, Problem, check_dataset, load_checked_dataset,
-                                       load_dataset)
+from masksam_core.data.dataset import DatasetError, Problem, check_dataset, load_checked_dataset, load_dataset
 
 SHAPE = (6, 5, 4)  # nibabel (i, j, k)
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
@@ -98,7 +97,7 @@ def test_cli_help_explains_the_checks(capsys):
 def test_missing_dataset_json(ds):
     (ds / "dataset.json").unlink()
     _only(check_dataset(ds), ds / "dataset.json", "missing; create it", "channel_names")
-    with pytest.raises(DatasetError, match="dataset.json: missing"):
+    with pytest.raises(DatasetError, match=r"dataset.json: missing"):
         load_dataset(ds)
 
 
@@ -201,7 +200,7 @@ def test_label_values_not_consecutive(tmp_path):
     _only(check_dataset(root), root / "dataset.json", "[0, 1, 2, 4] are not consecutive from 0",
           "0..3")
     with pytest.raises(DatasetError, match="not consecutive"):
-        load_dataset(root).class_names
+        _ = load_dataset(root).class_names
 
 
 def test_nan_and_infinite_voxels(ds):

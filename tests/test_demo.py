@@ -8,13 +8,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from tests.runs import write_tiny_run
 
 from masksam_core import demo, runs
 from masksam_core.cli import main
 from masksam_core.errors import MaskSAMError
 from masksam_core.inference.predictor import Predictor
 from masksam_core.io import read_image
-from tests.runs import write_tiny_run
 
 
 @pytest.fixture
@@ -160,6 +160,6 @@ def test_montage_views_are_in_radiological_display(flip):
     labels[-1, y, x] = 1  # the last slice is the most superior (k increases upwards in both)
     affine = np.diag([2.0 * flip[0], 1.0 * flip[1], 3.0 * flip[2], 1.0])
     views = demo._display_views(np.zeros(shape), labels, affine)
-    for name, _, lab, aspect in views:
+    for name, _, lab, _aspect in views:
         assert lab[0, 0] == 1 and lab.sum() == 1, name
     assert [round(v[3], 3) for v in views] == [0.5, 1.5, 3.0]  # pixel height / width from the spacing

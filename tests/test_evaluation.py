@@ -20,8 +20,15 @@ from scipy import ndimage as ndi
 
 from masksam_core.cli import main
 from masksam_core.errors import MaskSAMError
-from masksam_core.evaluation import (EMPTY_RULE, case_scores, dice, evaluate_folders, hd95, image_diagonal,
-                                     surface_distances)
+from masksam_core.evaluation import (
+    EMPTY_RULE,
+    case_scores,
+    dice,
+    evaluate_folders,
+    hd95,
+    image_diagonal,
+    surface_distances,
+)
 from masksam_core.io import ImageGeometry, read_image, write_labels
 
 SPACINGS = [(2.5, 0.7, 1.1), (5.0, 0.8, 0.8), (1.0, 1.0, 1.0)]
@@ -264,9 +271,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     out.write_text("{}")
     assert main(args) == 1 and "already exists" in capsys.readouterr().err
     assert out.read_text() == "{}"
-    assert main(args + ["--overwrite"]) == 1 and out.read_text() == before
+    assert main([*args, "--overwrite"]) == 1 and out.read_text() == before
     for case in "cde":  # all present and readable: exit 0
         (pred / f"{case}.nii.gz").unlink(missing_ok=True)
         (gt / f"{case}.nii.gz").unlink()
-    assert main(args + ["--overwrite"]) == 0
+    assert main([*args, "--overwrite"]) == 0
     assert not list(out.parent.glob(".*tmp"))

@@ -9,8 +9,15 @@ import stat
 import numpy as np
 import pytest
 
-from masksam_core.files import (atomic_path, atomic_save, atomic_save_npy, atomic_write, atomic_write_json,
-                                atomic_write_text, split_suffix)
+from masksam_core.files import (
+    atomic_path,
+    atomic_save,
+    atomic_save_npy,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    split_suffix,
+)
 from masksam_core.progress import drive, relay
 
 
@@ -41,15 +48,13 @@ def test_atomic_write_content_and_permissions(tmp_path):
 def test_atomic_write_keeps_the_old_file_and_no_temporary_on_error(tmp_path, error):
     path = tmp_path / "out.json"
     path.write_text("old")
-    with pytest.raises(error):
-        with atomic_write(path, "w") as handle:
-            handle.write("new, half")
-            raise error("stop")
+    with pytest.raises(error), atomic_write(path, "w") as handle:
+        handle.write("new, half")
+        raise error("stop")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
-    with pytest.raises(ValueError, match="not 'ab'"):
-        with atomic_write(path, "ab"):
-            pass
+    with pytest.raises(ValueError, match="not 'ab'"), atomic_write(path, "ab"):
+        pass
     with pytest.raises(TypeError):  # a value JSON cannot hold: nothing written
         atomic_write_json(path, {"x": object()})
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
@@ -79,8 +84,7 @@ def test_split_suffix():
 
 
 def _job(n: int):
-    for i in range(n):
-        yield i
+    yield from range(n)
     return "result"
 
 

@@ -13,8 +13,16 @@ import tifffile
 from geometry import rotation
 from masksam_core import io as mio
 from masksam_core.errors import MaskSAMError
-from masksam_core.io import (ImageGeometry, classes_sidecar, compare_geometry, read_geometry, read_image,
-                             spacing_sidecar, write_image, write_labels)
+from masksam_core.io import (
+    ImageGeometry,
+    classes_sidecar,
+    compare_geometry,
+    read_geometry,
+    read_image,
+    spacing_sidecar,
+    write_image,
+    write_labels,
+)
 
 
 def _affine(kind: str) -> np.ndarray:
@@ -123,9 +131,9 @@ def test_write_labels_rejects_bad_input(tmp_path):
         write_labels(tmp_path / "a.nii.gz", np.zeros((3, 3, 4), int), geometry)
     with pytest.raises(MaskSAMError, match="integer class ids"):
         write_labels(tmp_path / "a.nii.gz", np.zeros((2, 3, 4)), geometry)
-    with pytest.raises(MaskSAMError, match="0..32767"):
+    with pytest.raises(MaskSAMError, match=r"0..32767"):
         write_labels(tmp_path / "a.nii.gz", -np.ones((2, 3, 4), int), geometry)
-    with pytest.raises(MaskSAMError, match="name it .nii.gz"):
+    with pytest.raises(MaskSAMError, match=r"name it .nii.gz"):
         write_labels(tmp_path / "a.png", np.zeros((2, 3, 4), int), geometry)
 
 

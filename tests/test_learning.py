@@ -27,7 +27,7 @@ from masksam_core.training.config import TrainConfig
 from masksam_core.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from phantom import make_phantom_dataset  # noqa: E402
+from phantom import make_phantom_dataset
 
 
 @pytest.mark.slow

@@ -19,8 +19,8 @@ from masksam_core.data.loader import (
     TrainPatchDataset,
     as_case,
     case_locations,
-    foreground_locations,
     forced_position,
+    foreground_locations,
     load_case_arrays,
     make_train_loader,
 )
@@ -90,7 +90,8 @@ def test_patch_of_a_large_volume_is_a_block_of_it(patch: tuple, sample: tuple | 
     for _ in range(20):
         img, lab = sampler.sample(image, np.zeros(shape, np.int16), rng)
         assert img.shape == (1, *sampler.sample_size) and lab.shape == sampler.sample_size
-        core = img[0][tuple(slice((s - p) // 2, (s - p) // 2 + p) for s, p in zip(sampler.sample_size, patch))]
+        centre = tuple(slice((s - p) // 2, (s - p) // 2 + p) for s, p in zip(sampler.sample_size, patch, strict=True))
+        core = img[0][centre]
         assert core.min() > 0  # the patch itself lies inside the volume (only its context may be padding)
         first = int(core[0, 0, 0]) - 1  # the patch's first voxel names its position
         z, y, x = first // 10_000, first // 100 % 100, first % 100
@@ -102,7 +103,7 @@ def test_forced_patches_contain_foreground_unforced_rarely(tmp_path: Path) -> No
     image, labels = load_case_arrays(f"{prefix}_image.npy", f"{prefix}_labels.npy")
     for patch, sample in [((4, 32, 32), None), ((4, 32, 32), (4, 54, 54)), ((2, 8, 8), None)]:
         sampler = PatchSampler(patch, sample_size=sample)
-        crop = tuple(slice((s - p) // 2, (s - p) // 2 + p) for s, p in zip(sampler.sample_size, patch))
+        crop = tuple(slice((s - p) // 2, (s - p) // 2 + p) for s, p in zip(sampler.sample_size, patch, strict=True))
         rng = np.random.default_rng(0)
         forced = [sampler.sample(image, labels, rng, force_foreground=True)[1][crop].any() for _ in range(100)]
         free = [sampler.sample(image, labels, rng)[1][crop].any() for _ in range(200)]
@@ -156,7 +157,8 @@ def batches(loader) -> list[dict[str, torch.Tensor]]:
 
 
 def same(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in ("image", "labels"))
+    return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True)
+                                    for k in ("image", "labels"))
 
 
 def test_loader_is_deterministic_per_seed_and_epoch(small_cases: list[Path]) -> None:
@@ -174,7 +176,7 @@ def test_loader_is_deterministic_per_seed_and_epoch(small_cases: list[Path]) -> 
     list(ds)
     ds.set_epoch(1)
     fresh = TrainPatchDataset(small_cases, (4, 16, 16), 2, 6, transforms=tr, seed=1, epoch=1)
-    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(ds, fresh))
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(ds, fresh, strict=True))
 
 
 def test_resuming_mid_epoch_yields_the_rest_of_the_epoch(small_cases: list[Path]) -> None:

@@ -363,7 +363,7 @@ def test_final_conv_channel_last_path_equals_the_plain_convolutions():
     assert out.shape == ref.shape == (2, 3, 4, 64, 64)
     assert _rel_err(out.detach(), ref.detach()) < 1e-5
     (ref ** 2).mean().backward()
-    for got, want in zip(grads, [p.grad for p in head.parameters()] + [x2.grad]):
+    for got, want in zip(grads, [p.grad for p in head.parameters()] + [x2.grad], strict=True):
         assert _rel_err(got, want) < 1e-4
 
 

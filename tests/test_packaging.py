@@ -207,9 +207,8 @@ def test_installed_metadata_matches_pyproject():
 @pytest.mark.gui
 @pytest.mark.slow
 def test_napari_viewer_knows_the_plugin(make_napari_viewer):
-    from npe2 import PluginManager
-
     import numpy as np
+    from npe2 import PluginManager
 
     viewer = make_napari_viewer(show=True)
     pm = PluginManager.instance()

@@ -22,7 +22,7 @@ def _fresh_plans(channels: dict[str, str]) -> dict:
     stats = {"mean": 60.0, "std": 40.0, "median": 61.0, "min": -20.0, "max": 200.0,
              "percentile_00_5": -5.0, "percentile_99_5": 180.0, "num_samples": 20_000}
     fingerprint = {"spacings": [[2.0, 1.0, 1.0], [2.5, 1.0, 1.0]], "shapes": [[12, 24, 20], [10, 22, 24]],
-                   "foreground_intensity": {c: stats for c in channels}}
+                   "foreground_intensity": dict.fromkeys(channels, stats)}
     return make_plans(spec, fingerprint, "tiny").to_dict()
 
 
@@ -41,9 +41,9 @@ def test_plans_dicts_survive_the_typed_form():
 
 def test_malformed_plans_are_plans_errors():
     fresh = _fresh_plans({"0": "CT"})
-    with pytest.raises(PlansError, match="lack.*'num_classes'"):
+    with pytest.raises(PlansError, match=r"lack.*'num_classes'"):
         Plans.from_dict({k: v for k, v in fresh.items() if k != "num_classes"})
-    with pytest.raises(PlansError, match="unknown entries.*'extra'"):
+    with pytest.raises(PlansError, match=r"unknown entries.*'extra'"):
         Plans.from_dict(dict(fresh, extra=1))
     with pytest.raises(PlansError, match="only part of"):
         Plans.from_dict({k: v for k, v in fresh.items() if k != "num_cases"})

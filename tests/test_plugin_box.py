@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from masksam_core.errors import MaskSAMError
 from masksam_core.inference.sliding_window import Progress
 from masksam_core.io import ImageGeometry, read_image
 from napari_masksam import _box_widget, _models
-from masksam_core.errors import MaskSAMError
 from napari_masksam._box_widget import BOXES_LAYER, BoxPromptWidget
 from napari_masksam._layers import image_layer_kwargs
 

@@ -19,8 +19,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-from geometry import rotation
 
+from geometry import rotation
 from masksam_core.errors import MaskSAMError
 from masksam_core.io import ImageGeometry, classes_sidecar
 from masksam_core.io import write_labels as core_write_labels
@@ -97,7 +97,8 @@ def _unreadable(tmp_path: Path, kind: str):
         tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((4, 16, 16, 3), np.uint8), photometric="rgb")
         return str(tmp_path / "rgb.tif")
     if kind == "tiff_time":
-        tifffile.imwrite(tmp_path / "movie.tif", np.zeros((3, 16, 16), np.uint16), imagej=True, metadata={"axes": "TYX"})
+        tifffile.imwrite(tmp_path / "movie.tif", np.zeros((3, 16, 16), np.uint16), imagej=True,
+                         metadata={"axes": "TYX"})
         return str(tmp_path / "movie.tif")
     if kind in ("dicom_one_slice_file", "dicom_one_slice_folder"):
         folder = tmp_path / "xray"
@@ -300,7 +301,7 @@ def test_writer_tiff_and_errors(tmp_path):
         write_labels(str(tmp_path / "seg.png"), labels, meta)
     with pytest.raises(MaskSAMError, match="3D"):
         write_labels(str(tmp_path / "t.nii.gz"), np.zeros((2, *SHAPE), np.uint8), meta)
-    with pytest.raises(MaskSAMError, match="0..32767"):
+    with pytest.raises(MaskSAMError, match=r"0..32767"):
         write_labels(str(tmp_path / "neg.nii.gz"), -labels.astype(np.int32), meta)
 
 

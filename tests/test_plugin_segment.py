@@ -21,10 +21,9 @@ import masksam_core
 from masksam_core.inference.predictor import Predictor
 from masksam_core.io import read_image
 from napari_masksam import _models
-from napari_masksam._layers import GEOMETRY_KEY, image_layer_kwargs
 from napari_masksam._job_widget import device_choices
+from napari_masksam._layers import GEOMETRY_KEY, image_layer_kwargs
 from napari_masksam._segment_widget import SegmentWidget
-
 from runs import write_tiny_run
 
 pytestmark = pytest.mark.gui

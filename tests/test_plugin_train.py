@@ -23,7 +23,7 @@ from masksam_core.io import ImageGeometry, read_image
 from napari_masksam._dataset_export import check_split, export_layers_dataset, layers_training_data
 
 sys.path.insert(0, str(Path(__file__).parent))
-from phantom import make_phantom_dataset  # noqa: E402
+from phantom import make_phantom_dataset
 
 CT = "Dataset501_AbdomenCT"
 CROP = (slice(76, 100), slice(30, 70), slice(40, 80))  # (Z, Y, X): 7 of the 8 organs, no spleen

@@ -29,7 +29,6 @@ from masksam_core.errors import MaskSAMError
 from masksam_core.inference.predict_cli import Case, cases_for_rank, find_cases
 from masksam_core.inference.predictor import CPU_QUERY_CHUNK, Cancelled, Predictor, accumulation_device
 from masksam_core.runs import FORMAT, RUN_KIND, BuildSpec, RunFile
-
 from runs import make_plans, write_tiny_run
 
 
@@ -57,7 +56,7 @@ class FakeNet(torch.nn.Module):
         self.calls += 1
         if self.on_call is not None:
             self.on_call(self.calls)
-        b, _, t, h, w = x.shape
+        b, _, t, _h, _w = x.shape
         logits = torch.tensor([[8.0, -8.0, -8.0], [-8.0, 8.0, -8.0]]).expand(b, t, 2, 3).transpose(1, 2)
         return {"pred_logits": logits, "pred_masks": torch.stack([-4 * x[:, 0], 4 * x[:, 0]], 1)}
 
@@ -181,7 +180,8 @@ def test_compiled_network_gives_the_plain_networks_scores(tiny_run):
 
 
 def test_bf16_autocast_on_the_cpu_stays_close_to_fp32(tiny_run):
-    """--amp bf16 (faster on CPUs with native bf16): probabilities within the bf16 bound, same labels almost everywhere."""
+    """--amp bf16 (faster on CPUs with native bf16): probabilities within the bf16 bound, same labels almost
+    everywhere."""
     plain = Predictor(tiny_run, device="cpu", amp="off")
     assert plain.amp is None
     half = Predictor(tiny_run, device="cpu", amp="bf16")
@@ -192,7 +192,7 @@ def test_bf16_autocast_on_the_cpu_stays_close_to_fp32(tiny_run):
     pa, pb = a.probabilities.astype(np.float64), b.probabilities.astype(np.float64)
     assert np.linalg.norm(pb - pa) / np.linalg.norm(pa) < 2e-2
     assert (a.labels == b.labels).mean() > 0.95
-    with pytest.raises(MaskSAMError, match="unknown mixed-precision setting 'fp8'.*auto, bf16, fp16, off"):
+    with pytest.raises(MaskSAMError, match=r"unknown mixed-precision setting 'fp8'.*auto, bf16, fp16, off"):
         Predictor(tiny_run, device="cpu", amp="fp8")
 
 
@@ -228,7 +228,7 @@ def test_reuse_freed_memory_is_nestable_and_thread_safe():
             assert inner is glibc
             big = torch.ones(64, 1024, 1024)  # 256 MiB, from the heap while inside
             del big
-        assert devices._ALLOCATOR_USERS == (1 if glibc else 0)
+        assert (1 if glibc else 0) == devices._ALLOCATOR_USERS
     assert devices._ALLOCATOR_USERS == 0
     with devices.reuse_freed_memory(enabled=False) as active:
         assert active is False and devices._ALLOCATOR_USERS == 0

@@ -14,11 +14,24 @@ import pytest
 
 from masksam_core.data.fingerprint import fingerprint_dataset
 from masksam_core.data.plans import (
-    PLANS_VERSION, Plans, PlansError, compute_new_shape, determine_target_spacing, load_plans, make_plans, save_plans,
+    PLANS_VERSION,
+    Plans,
+    PlansError,
+    compute_new_shape,
+    determine_target_spacing,
+    load_plans,
+    make_plans,
+    save_plans,
 )
 from masksam_core.data.preprocess import (
-    normalize_image, preprocess_dataset, preprocess_image, preprocess_labels, resample_image, resample_labels,
-    resample_to_shape, separate_axis,
+    normalize_image,
+    preprocess_dataset,
+    preprocess_image,
+    preprocess_labels,
+    resample_image,
+    resample_labels,
+    resample_to_shape,
+    separate_axis,
 )
 from masksam_core.errors import MaskSAMError
 
@@ -54,8 +67,8 @@ def load_spec(root: Path):
 
 def ball(shape: tuple[int, int, int], centre_mm, radius_mm: float, spacing) -> np.ndarray:
     """Boolean ball on a voxel grid with voxel centres at index * spacing."""
-    grids = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
-    return sum((g - c) ** 2 for g, c in zip(grids, centre_mm)) <= radius_mm ** 2
+    grids = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing, strict=True)], indexing="ij")
+    return sum((g - c) ** 2 for g, c in zip(grids, centre_mm, strict=True)) <= radius_mm ** 2
 
 
 @pytest.fixture
@@ -168,9 +181,9 @@ def test_label_resampling_matches_analytic_ball():
     labels = ball(shape, (20, 24, 24), 12, spacing).astype(np.int16) * 3
     out = resample_labels(labels, compute_new_shape(shape, spacing, target), spacing, target)
     # the resampled grid's voxel centres sit at (i + 0.5) * target - 0.5 * spacing in the old frame
-    grids = np.meshgrid(*[(np.arange(n) + 0.5) * t - 0.5 * s for n, t, s in zip(out.shape, target, spacing)],
-                        indexing="ij")
-    ref = sum((g - c) ** 2 for g, c in zip(grids, (20, 24, 24))) <= 12 ** 2
+    centres = [(np.arange(n) + 0.5) * t - 0.5 * s for n, t, s in zip(out.shape, target, spacing, strict=True)]
+    grids = np.meshgrid(*centres, indexing="ij")
+    ref = sum((g - c) ** 2 for g, c in zip(grids, (20, 24, 24), strict=True)) <= 12 ** 2
     dice = 2 * ((out == 3) & ref).sum() / ((out == 3).sum() + ref.sum())
     assert dice > 0.95 and set(np.unique(out)) == {0, 3}
 
@@ -328,7 +341,7 @@ def test_preprocess_dataset_parallel_equals_serial(ct_dataset, tmp_path):
     plans = make_plans(ct_dataset, fingerprint_dataset(ct_dataset, progress=False), "tiny")
     serial = preprocess_dataset(ct_dataset, plans, tmp_path / "a", progress=False)
     parallel = preprocess_dataset(ct_dataset, plans, tmp_path / "b", progress=False, num_workers=2)
-    for s, p in zip(serial, parallel):
+    for s, p in zip(serial, parallel, strict=True):
         np.testing.assert_array_equal(np.load(s.image), np.load(p.image))
         np.testing.assert_array_equal(np.load(s.labels), np.load(p.labels))
 

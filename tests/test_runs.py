@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tests.runs import write_tiny_run
 
 from masksam_core.cli import main
 from masksam_core.errors import MaskSAMError
@@ -21,7 +22,6 @@ from masksam_core.runs import (
     model_card_path,
     resolve_run,
 )
-from tests.runs import write_tiny_run
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -67,7 +69,7 @@ def test_window_starts_cover_with_half_overlap():
     assert window_starts(16, 16, 0.5) == [0]
     starts = window_starts(100, 16, 0.5)
     assert starts[0] == 0 and starts[-1] == 84
-    assert all(b - a <= 8 for a, b in zip(starts, starts[1:]))
+    assert all(b - a <= 8 for a, b in itertools.pairwise(starts))
 
 
 def test_progress_counts_windows_and_mirrors_counted_once():

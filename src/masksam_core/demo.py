@@ -54,8 +54,10 @@ def _centre(labels: np.ndarray) -> tuple[int, int, int]:
     """Voxel (z, y, x) at the centre of the labelled voxels (the volume's centre when there are none)."""
     found = np.argwhere(labels > 0)
     if found.size == 0:
-        return tuple(int(n // 2) for n in labels.shape)  # type: ignore[return-value]
-    return tuple(int(v) for v in np.round(found.mean(axis=0)))  # type: ignore[return-value]
+        z, y, x = (int(n // 2) for n in labels.shape)
+        return z, y, x
+    z, y, x = (int(v) for v in np.round(found.mean(axis=0)))
+    return z, y, x
 
 
 def _display_views(image: np.ndarray, labels: np.ndarray, affine: np.ndarray
@@ -101,7 +103,7 @@ def montage(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, 
     colours = plt.get_cmap("tab10")(np.arange(max(len(class_names), 2)) % 10)
     cmap = ListedColormap(colours[1:] if len(colours) > 1 else colours)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.6), dpi=100)
-    for ax, (name, img, lab, aspect) in zip(axes, _display_views(image, labels, affine)):
+    for ax, (name, img, lab, aspect) in zip(axes, _display_views(image, labels, affine), strict=True):
         ax.imshow(np.clip(img, *window), cmap="gray", aspect=aspect, interpolation="nearest")
         shown = np.ma.masked_where(lab == 0, lab - 1)
         ax.imshow(shown, cmap=cmap, vmin=0, vmax=max(len(class_names) - 2, 1), alpha=0.55,
@@ -252,7 +254,7 @@ def _cli_demo(args: argparse.Namespace) -> int:
 
         result = drive(gen, show)
     print(result["table"])
-    for name, path in result["outputs"].items():
+    for path in result["outputs"].values():
         print(f"wrote {path}")
     return 0
 
@@ -268,8 +270,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                                                        f"(default: {DEMO_MODEL})")
     p.add_argument("--device", default="auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N (default: auto)")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=AMP_HELP + " (default: auto)")
-    p.add_argument("--tta", action="store_true", help="average the 8 mirrored passes (8x slower; one pass for models trained "
-                        "with --augmentation no-mirror)")
+    p.add_argument("--tta", action="store_true", help="average the 8 mirrored passes (8x slower; one pass for models "
+                        "trained with --augmentation no-mirror)")
     p.add_argument("--step-size", type=float, default=1.0,
                    help="window step as a fraction of the patch (default: 1.0, windows side by side; 0.5 = "
                         "half-overlapping as `predict` does, about 2x slower)")

@@ -70,7 +70,7 @@ def cpu_has_native_bf16() -> bool:
         try:
             if check is not None and check():
                 return True
-        except Exception:  # noqa: BLE001 -- a missing or failing check means: not known to be native
+        except Exception:  # a missing or failing check means: not known to be native
             continue
     return False
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,7 @@ def _as_labels(array: np.ndarray, what: str) -> np.ndarray:
     return array
 
 
-def case_scores(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float],
+def case_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
                 class_ids: list[int] | None = None) -> dict[int, dict[str, Any]]:
     """Scores of every class of two (Z, Y, X) label maps: class id -> {'dice', 'hd95', 'absent'}.
 
@@ -273,7 +274,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *,
     bar = tqdm(total=len(jobs), desc="evaluate", unit="case", disable=not progress, file=sys.stderr)
     pool = ProcessPoolExecutor(min(num_workers, len(jobs))) if num_workers > 1 else None
     try:
-        for result in (pool.map if pool else map)(_evaluate_case, *zip(*jobs)):
+        for result in (pool.map if pool else map)(_evaluate_case, *zip(*jobs, strict=True)):
             results.append(result)
             bar.update()
     finally:
@@ -288,7 +289,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *,
     absent = {"dice": 1.0, "hd95": 0.0, "absent": True}
     cases = [{"case": r["case"], "per_class": {names[c]: dict(r["scores"].get(c, absent)) for c in ids}}
              for r in good]
-    per_class = {}
+    per_class: dict[str, dict[str, Any]] = {}
     for c in ids:
         scored = [s for case in cases if not (s := case["per_class"][names[c]])["absent"]]
         per_class[names[c]] = {"id": c, "dice": _mean([s["dice"] for s in scored]),

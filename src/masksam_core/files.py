@@ -21,8 +21,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["IMAGE_SUFFIXES", "NIFTI_SUFFIXES", "TIFF_SUFFIXES", "atomic_path", "atomic_save", "atomic_write",
-           "atomic_save_npy", "atomic_write_json", "atomic_write_text", "is_image_name", "split_suffix"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "NIFTI_SUFFIXES",
+    "TIFF_SUFFIXES",
+    "atomic_path",
+    "atomic_save",
+    "atomic_save_npy",
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+    "is_image_name",
+    "split_suffix",
+]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 TIFF_SUFFIXES = (".tif", ".tiff")

@@ -91,7 +91,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--preset", default="all", choices=[*PRESETS, "all"], help="preset to describe (default: all)"
     )
-    parser.add_argument("--num-classes", type=int, default=None, help="classes incl. background (default: the preset's)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="classes incl. background (default: the preset's)")
     parser.add_argument("--in-channels", type=int, default=1, help="image channels (default: 1)")
     parser.add_argument("--json", action="store_true", help="print JSON (keys: preset, backbone, tunable_params, ...)")
     parser.set_defaults(func=run)

@@ -142,7 +142,10 @@ def _nifti_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _load_nifti(path: Path) -> nib.Nifti1Image:
     try:
-        return nib.load(path)
+        image = nib.load(path)
+        if not isinstance(image, nib.Nifti1Image):  # a Nifti2Image is one too
+            raise TypeError(f"not a NIfTI image but {type(image).__name__}")
+        return image
     except Exception as error:  # nibabel raises many types for broken files
         raise MaskSAMError(f"{path}: cannot read this NIfTI file ({error}); the file is corrupt, "
                            "truncated or not NIfTI: re-export or re-download it") from error
@@ -171,7 +174,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, ImageGeometry]:
     return np.ascontiguousarray(data.transpose(2, 1, 0)), geometry
 
 
-def _tiff(path: Path, load: bool) -> tuple[np.ndarray | None, ImageGeometry]:
+def _tiff(path: Path, load: bool) -> tuple[np.ndarray, ImageGeometry]:
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
@@ -189,15 +192,14 @@ def _tiff(path: Path, load: bool) -> tuple[np.ndarray | None, ImageGeometry]:
                               "reading them as Z slices. Save the stack with axes ZYX to say so", stacklevel=3)
             spacing = tiff_spacing(path, tif, (spacing_sidecar(path),
                                                path.with_name(split_suffix(path)[0] + ".json")))
-            data = np.ascontiguousarray(series.asarray()) if load else None
+            data = np.ascontiguousarray(series.asarray()) if load else np.empty(0)  # empty: geometry only
     except MaskSAMError:
         raise
     except Exception as error:
         raise MaskSAMError(f"{path}: cannot read this TIFF file ({error}); the file is corrupt, "
                            "truncated or not a TIFF: re-export it") from error
     sz, sy, sx = spacing
-    geometry = ImageGeometry(np.diag([sx, sy, sz, 1.0]), spacing, _shape3(series.shape), "tiff",
-                             None, path)
+    geometry = ImageGeometry(np.diag([sx, sy, sz, 1.0]), spacing, _shape3(series.shape), "tiff", None, path)
     return data, geometry
 
 
@@ -278,7 +280,7 @@ def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
                                "replace it, or choose another output name")
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Run ``write(tmp)`` on a temporary file next to ``path``, then rename it onto ``path``."""
     try:
         with atomic_path(path) as tmp:

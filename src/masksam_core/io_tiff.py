@@ -33,11 +33,11 @@ def tiff_spacing(path: Path, tif: tifffile.TiffFile, sidecars: Sequence[Path]) -
             if len(spacing) != 3 or min(spacing) <= 0:
                 raise MaskSAMError(f"{sidecar}: 'spacing' must be 3 positive numbers [sz, sy, sx] "
                                    f"in mm, got {list(spacing)}")
-            return spacing  # type: ignore[return-value]
+            return spacing
     ome = _ome_spacing(path, tif)
     if ome is not None:
         return ome
-    meta, tags = tif.imagej_metadata or {}, tif.pages[0].tags
+    meta, tags = tif.imagej_metadata or {}, tif.pages.first.tags
     if meta and "XResolution" in tags and "YResolution" in tags:  # pixels per unit, as (num, den)
         unit = str(meta.get("unit", "mm")).strip().lower()
         if unit not in UNIT_MM:

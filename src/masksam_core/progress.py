@@ -18,14 +18,24 @@ A long job (a prediction, a box prompt, a validation, a training run, the demo) 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 __all__ = ["drive", "relay"]
 
 R = TypeVar("R")
 
 
-def drive(gen: Generator[Any, Any, R], on_item: Callable[[Any], None] | None = None,
+@overload
+def drive(gen: Generator[Any, Any, R], on_item: Callable[[Any], object] | None = None,
+          cancel: None = None) -> R: ...
+
+
+@overload
+def drive(gen: Generator[Any, Any, R], on_item: Callable[[Any], object] | None = None,
+          cancel: Callable[[], bool] | None = None) -> R | None: ...
+
+
+def drive(gen: Generator[Any, Any, R], on_item: Callable[[Any], object] | None = None,
           cancel: Callable[[], bool] | None = None) -> R | None:
     """Run ``gen`` to its end and return its result, calling ``on_item(item)`` for every item.
 

@@ -297,7 +297,7 @@ def detect_backbone(state_dict: Mapping[str, Any]) -> str | None:
             shape = tuple(state_dict[key].shape)
             dim = shape[-1] if key.endswith("pos_embed") else shape[0]
             break
-    return _VIT_SHAPES.get((max(blocks) + 1, dim))
+    return None if dim is None else _VIT_SHAPES.get((max(blocks) + 1, dim))
 
 
 def check_backbone(state_dict: Mapping[str, Any], expected: str) -> str:
@@ -333,7 +333,7 @@ def _cli_list(args: argparse.Namespace) -> int:
                      str(where) if where else f"(not installed: {LITE_INSTALL})", info.description))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 

@@ -185,7 +185,7 @@ class BoxPromptWidget(JobWidget):
         from napari.layers import Labels
 
         name = f"{image.name} [boxes]"
-        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401 - LayerList has no get()
         if isinstance(layer, Labels) and layer.data.shape == labels.shape:
             merged = np.asarray(layer.data)
             offset = int(merged.max()) if merged.size else 0

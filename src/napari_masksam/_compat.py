@@ -30,7 +30,7 @@ def load_triton_beside_mesa() -> None:
         sys.setdlopenflags(flags | os.RTLD_DEEPBIND)
     try:
         import triton  # noqa: F401
-    except Exception:  # noqa: BLE001, S110 - torch treats a triton that fails to load as absent
+    except Exception:  # torch treats a triton that fails to load as absent
         pass
     finally:
         if flags is not None:

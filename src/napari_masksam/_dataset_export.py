@@ -129,7 +129,7 @@ def check_split(labels: np.ndarray, class_names: Sequence[str], val_fraction: fl
     for validation; raises MaskSAMError when no labelled voxel is left to train on."""
     if val_fraction <= 0:
         return []
-    cut = int(round(labels.shape[0] * (1 - val_fraction)))
+    cut = round(labels.shape[0] * (1 - val_fraction))
     if cut < 1 or cut >= labels.shape[0]:
         raise MaskSAMError(f"the scan has {labels.shape[0]} slices: too few to hold out {val_fraction:.0%} of them "
                            "for validation; set the validation fraction to 0 or use a larger scan")

@@ -202,7 +202,7 @@ class JobWidget(Container):
         self.loaded = ModelCache(load)
         self.panel.run_button.changed.connect(lambda: self.run())
         self.panel.cancel_button.changed.connect(self.cancel)
-        on_close(self, lambda: self.job is not None and self.job.cancel())  # nobody is left to see the result
+        on_close(self, self._cancel_job)  # nobody is left to see the result
 
     def prepare(self) -> tuple[Make, Callable[[Any], None]]:
         """Check the inputs (raise :class:`MaskSAMError` saying what to fix) and return ``(make, show)``:
@@ -217,7 +217,7 @@ class JobWidget(Container):
             return self.job
         try:
             make, show = self.prepare()
-        except Exception as error:  # noqa: BLE001 - bad input becomes a notification
+        except Exception as error:  # bad input becomes a notification
             self.job = failed_job(error, self.WHAT)
             return self.job
         self.job = run_job(make, self.WHAT, on_yield=self.panel.show_progress, on_return=show,
@@ -229,3 +229,7 @@ class JobWidget(Container):
     def cancel(self) -> None:
         """Stop the running job at its next step (window batch or slice)."""
         self.panel.cancel()
+
+    def _cancel_job(self) -> None:
+        if self.job is not None:
+            self.job.cancel()

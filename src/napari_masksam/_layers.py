@@ -80,7 +80,8 @@ def scan_translate(geometry: ImageGeometry) -> tuple[float, float, float]:
         xyz = np.linalg.solve(directions, np.asarray(geometry.affine, dtype=np.float64)[:3, 3])
     except np.linalg.LinAlgError:
         return (0.0, 0.0, 0.0)
-    return tuple(float(v) for v in xyz[::-1])  # type: ignore[return-value]
+    z, y, x = (float(v) for v in xyz[::-1])
+    return z, y, x
 
 
 def image_layer_kwargs(array: np.ndarray, geometry: ImageGeometry, name: str) -> dict[str, Any]:
@@ -142,10 +143,7 @@ def volume_of(layer: Any) -> tuple[np.ndarray, tuple[float, float, float], Image
                            "and pick it in the widget")
     if getattr(layer, "rgb", False):
         raise MaskSAMError(f"layer {layer.name!r} is an RGB image: MaskSAM segments grey-value 3D scans")
-    if getattr(layer, "multiscale", False):
-        data = layer.data[0]
-    else:
-        data = layer.data
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
     array = np.asarray(data)
     if array.ndim != 3:
         raise MaskSAMError(f"layer {layer.name!r} has {array.ndim} dimensions (shape {array.shape}); MaskSAM needs "
@@ -153,7 +151,8 @@ def volume_of(layer: Any) -> tuple[np.ndarray, tuple[float, float, float], Image
     if min(array.shape) < 1:
         raise MaskSAMError(f"layer {layer.name!r} is empty (shape {array.shape})")
     geometry = geometry_of(layer)
-    return array, tuple(float(s) for s in geometry.spacing), geometry  # type: ignore[return-value]
+    sz, sy, sx = (float(s) for s in geometry.spacing)
+    return array, (sz, sy, sx), geometry
 
 
 def class_names_of(layer: Any) -> list[str]:
@@ -163,7 +162,7 @@ def class_names_of(layer: Any) -> list[str]:
     n = int(np.max(layer.data)) + 1 if np.size(layer.data) else 1
     if features is not None and "name" in features and len(features) > 0:
         if "index" in features:
-            table = {int(i): str(v) for i, v in zip(features["index"], features["name"])}
+            table = {int(i): str(v) for i, v in zip(features["index"], features["name"], strict=True)}
         else:
             table = {i: str(v) for i, v in enumerate(features["name"])}
         n = max(n, max(table) + 1)
@@ -190,7 +189,7 @@ def fingerprint(labels: Any) -> str:
     """A digest of a label array's shape, type and values (to tell whether someone edited it)."""
     array = np.ascontiguousarray(np.asarray(labels))
     digest = hashlib.blake2b(f"{array.shape}{array.dtype.str}".encode(), digest_size=16)
-    digest.update(memoryview(array).cast("B"))
+    digest.update(array.data.cast("B"))
     return digest.hexdigest()
 
 
@@ -219,7 +218,7 @@ def show_labels(viewer: Any, image_layer: Any, labels: np.ndarray, class_names: 
     kwargs = labels_layer_kwargs(image_layer, class_names, name)
     if kwargs["name"] in viewer.layers and keep_edits and not _unedited(viewer.layers[kwargs["name"]]):
         kwargs["name"] = _next_name(viewer, kwargs["name"])  # leave the edited (or foreign) layer as it is
-    existing = viewer.layers[kwargs["name"]] if kwargs["name"] in viewer.layers else None
+    existing = viewer.layers[kwargs["name"]] if kwargs["name"] in viewer.layers else None  # noqa: SIM401 - LayerList has no get()
     if existing is not None and existing.__class__.__name__ == "Labels":
         existing.data = labels
         for key in ("scale", "translate", "affine", "metadata", "features"):

@@ -14,6 +14,7 @@ run folder or checkpoint and refreshes on ``runs_changed``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from magicgui.types import FileDialogMode
 from magicgui.widgets import ComboBox, Container, FileEdit
 from psygnal import Signal
 
@@ -35,6 +37,14 @@ log = logging.getLogger(__name__)
 
 RUNS_FILE_NAME = "napari_runs.json"
 MAX_RUNS = 50
+
+
+def chosen_path(edit: FileEdit) -> Path | None:
+    """The path chosen in a single-path ``FileEdit`` (None when a nullable one is empty)."""
+    value = edit.value
+    if isinstance(value, tuple):
+        raise TypeError(f"{edit.label!r} chooses one path, not {len(value)}")
+    return value
 
 
 class _Events:
@@ -70,10 +80,8 @@ def add_run(path: str | os.PathLike) -> None:
     entries = [entry] + [e for e in _read() if e != entry and Path(e).exists()]
     _session[:] = [entry] + [e for e in _session if e != entry]
     file = runs_file()
-    try:
+    with contextlib.suppress(OSError):  # a read-only cache only costs the memory of this list across sessions
         atomic_write_json(file, entries[:MAX_RUNS], indent=1, newline=False)
-    except OSError:
-        pass  # a read-only cache only costs the memory of this list across sessions
     runs_changed.emit()
 
 
@@ -110,7 +118,7 @@ def bundled_models() -> Choices:
         return []
     try:
         found = get()
-    except Exception as error:  # noqa: BLE001 - a broken bundle must not break the widget
+    except Exception as error:  # a broken bundle must not break the widget
         log.warning("masksam_core.bundled_models() failed: %s", error)
         return []
     if isinstance(found, Mapping):
@@ -155,7 +163,8 @@ class ModelPicker(Container):
     def __init__(self, choices: Callable[..., Choices], **kwargs: Any) -> None:
         self._choices = choices
         self.combo = ComboBox(choices=choices, nullable=False, tooltip="the model to run")
-        self.browse = FileEdit(mode="d", nullable=True, tooltip="add a training run folder (or type the path of "
+        self.browse = FileEdit(mode=FileDialogMode.EXISTING_DIRECTORY, nullable=True,
+                               tooltip="add a training run folder (or type the path of "
                                "a checkpoint .pt file); it is remembered across sessions")
         self.browse.choose_btn.text = "Browse..."
         super().__init__(widgets=[self.combo, self.browse], labels=False, **kwargs)
@@ -203,7 +212,7 @@ class ModelPicker(Container):
 
     def _check_chosen(self, *_: Any) -> None:
         """Say why a chosen folder or file was not added (typing passes through such paths quietly)."""
-        path = self.browse.value
+        path = chosen_path(self.browse)
         if not path or checkpoint_of(path) is not None:
             return
         from napari.utils.notifications import show_warning

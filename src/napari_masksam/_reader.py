@@ -81,7 +81,7 @@ def _frames(file: Path) -> int:
         reader.ReadImageInformation()
         size = reader.GetSize()
         return int(size[2]) if len(size) > 2 else 1
-    except Exception:  # noqa: BLE001 -- not readable here: the full reader says why, if asked
+    except Exception:  # not readable here: the full reader says why, if asked
         return 0
 
 
@@ -104,7 +104,7 @@ def _readable_tiff(path: Path) -> bool:
             series = tif.series[0]
             return (len(series.shape) == 3 and not series.axes.endswith("S") and series.axes[0] != "T"
                     and min(series.shape) > 0)  # not colour or a time series (other readers take those)
-    except Exception:  # noqa: BLE001 -- tifffile raises many types for files it cannot parse
+    except Exception:  # tifffile raises many types for files it cannot parse
         return False
 
 
@@ -112,7 +112,7 @@ def _readable_nifti(path: Path) -> bool:
     """True for a NIfTI file with a 3D volume (header only)."""
     try:
         read_geometry(path)
-    except Exception:  # noqa: BLE001 -- MaskSAMError, or anything nibabel raises for a broken file
+    except Exception:  # MaskSAMError, or anything nibabel raises for a broken file
         return False
     return True
 
@@ -163,7 +163,7 @@ def napari_get_reader(path: PathOrPaths) -> ReaderFunction | None:
         single = _single_path(path)
         if single is None or not _accepts(single):
             return None
-    except Exception:  # noqa: BLE001 -- get_reader must never raise: napari would abort opening the file
+    except Exception:  # get_reader must never raise: napari would abort opening the file
         return None
     return read_paths
 

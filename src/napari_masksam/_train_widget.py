@@ -4,8 +4,8 @@ It only gathers settings and shows progress (Start / Stop and the progress bar a
 :class:`._job_widget.JobPanel`, the curves a :class:`._training_plot.TrainingPlot`); ``masksam_core``'s
 :class:`Trainer` does the work, in a napari worker thread (:func:`._worker.run_job`). Sources: a folder
 in the nnU-Net v2 raw layout, or an Image layer and the Labels layer painted on it (exported as a
-one-case data set into the run folder, see :mod:`._dataset_export`). Stop asks the trainer to save a checkpoint and end; a run that
-ends with a checkpoint is added to the models of the *Segment (MaskSAM)* widget.
+one-case data set into the run folder, see :mod:`._dataset_export`). Stop asks the trainer to save a
+checkpoint and end; a run that ends with a checkpoint is added to the models of the *Segment (MaskSAM)* widget.
 """
 
 from __future__ import annotations
@@ -18,8 +18,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from magicgui.types import FileDialogMode
 from magicgui.widgets import (
-    CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, RadioButtons, SpinBox,
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    RadioButtons,
+    SpinBox,
+    Widget,
 )
 
 from masksam_core.devices import available_devices
@@ -28,8 +38,8 @@ from masksam_core.training import TrainConfig, TrainEvent, epoch_line, format_du
 from masksam_core.training.config import NEW_RUN_DEFAULTS, widget_options
 
 from . import _models
-from ._dataset_export import DATASET_FOLDER, LayersData, check_split, layers_training_data, write_dataset
 from ._compat import load_triton_beside_mesa
+from ._dataset_export import DATASET_FOLDER, LayersData, check_split, layers_training_data, write_dataset
 from ._job_widget import JobPanel, on_close
 from ._training_plot import TrainingPlot
 from ._worker import Job, run_job
@@ -52,6 +62,11 @@ def default_preset() -> str:
     return "lite" if weights.path("lite") is not None else "tiny"
 
 
+def _path(edit: FileEdit) -> Path:
+    """The folder chosen in a (not nullable) single-folder ``FileEdit``."""
+    return Path(_models.chosen_path(edit) or "")
+
+
 class TrainWidget(Container):
     """Train MaskSAM from the viewer: source, preset, schedule, run folder, device; Start and Stop."""
 
@@ -65,8 +80,10 @@ class TrainWidget(Container):
         self.trainer: Trainer | None = None  # the running one
         self._auto_out = True  # the output folder follows the source's name until the user picks one
         preset = default_preset()
-        self.source = RadioButtons(label="train on", choices=[FOLDER, LAYERS], value=FOLDER, orientation="horizontal")
-        self.dataset = FileEdit(label="data set", mode="d", tooltip="nnU-Net v2 raw layout; see docs/training.md")
+        self.source = RadioButtons(label="train on", choices=[FOLDER, LAYERS], orientation="horizontal")
+        self.source.value = FOLDER
+        self.dataset = FileEdit(label="data set", mode=FileDialogMode.EXISTING_DIRECTORY,
+                                tooltip="nnU-Net v2 raw layout; see docs/training.md")
         self.image = ComboBox(label="image", choices=self._layers("Image"))
         self.labels_layer = ComboBox(label="labels", choices=self._layers("Labels"), tooltip="painted on the image")
         self.split_info = Label(value="")
@@ -75,7 +92,8 @@ class TrainWidget(Container):
         self.epochs = SpinBox(label="epochs", **{**widget_options("epochs"), "value": PRESETS[preset].epochs})
         self.iters = SpinBox(label="iterations / epoch", **widget_options("iters_per_epoch"))
         self.minutes = FloatSpinBox(label="time budget (min)", **widget_options("time_limit"), tooltip="0: no limit")
-        self.out = FileEdit(label="output folder", mode="d", tooltip="the run folder (created)")
+        self.out = FileEdit(label="output folder", mode=FileDialogMode.EXISTING_DIRECTORY,
+                            tooltip="the run folder (created)")
         self.resume = CheckBox(text="resume the run in the output folder", tooltip="with its settings; epochs may grow")
         self.device = ComboBox(label="device", choices=["auto", *available_devices()], value=TrainConfig.device)
         self.advanced = CheckBox(text="advanced settings", value=False)
@@ -88,8 +106,8 @@ class TrainWidget(Container):
         self.augmentation = ComboBox(label="augmentation", choices=list(AUGMENTATIONS),
                                      value=NEW_RUN_DEFAULTS["augmentation"],
                                      tooltip="\n".join(f"{k}: {v}" for k, v in AUGMENTATIONS.items()))
-        self._advanced = [self.batch_size, self.patch_size, self.queries, self.lr, self.val_fraction, self.workers,
-                          self.augmentation]
+        self._advanced: list[Widget] = [self.batch_size, self.patch_size, self.queries, self.lr, self.val_fraction,
+                                        self.workers, self.augmentation]
         self.panel = JobPanel(unit="iterations", run_text="Start", cancel_text="Stop")
         self.stats = Label(value="")
         super().__init__(widgets=[
@@ -154,7 +172,7 @@ class TrainWidget(Container):
 
     def _default_out(self) -> Path:
         """~/masksam-runs/<source name>-<date and time>, a folder that does not exist yet."""
-        source = self.image.value if self.source.value == LAYERS else Path(self.dataset.value)
+        source = self.image.value if self.source.value == LAYERS else _path(self.dataset)
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(getattr(source, "name", ""))).strip("._") or "run"
         base = out = Path.home() / RUNS_FOLDER / f"{name}-{datetime.now():%Y%m%d-%H%M}"
         for k in range(2, 1000):
@@ -178,7 +196,7 @@ class TrainWidget(Container):
         """The run folder, never written over: an existing run needs 'resume', other files another folder."""
         if self._auto_out and not resume:
             self._refresh_out()
-        out = Path(self.out.value).expanduser().resolve()
+        out = _path(self.out).expanduser().resolve()
         has_run = (out / "checkpoint_last.pt").is_file()
         if resume and not has_run:
             raise MaskSAMError(f"nothing to resume: {out} holds no run (checkpoint_last.pt); untick 'resume' "
@@ -217,7 +235,7 @@ class TrainWidget(Container):
             folder = None
         if folder is not None and folder.is_dir():
             return folder
-        chosen = Path(self.dataset.value or "").expanduser()
+        chosen = _path(self.dataset).expanduser()
         if (chosen / "dataset.json").is_file():
             return chosen
         raise MaskSAMError(f"the data set {out.name} was trained on ({folder or 'unknown'}) is not there: choose it "
@@ -240,18 +258,18 @@ class TrainWidget(Container):
         else:
             from masksam_core.data.dataset import check_dataset
 
-            folder = Path(self.dataset.value or "").expanduser()
+            folder = _path(self.dataset).expanduser()
             if not str(self.dataset.value or "").strip() or not (
                     (folder / "dataset.json").exists() or (folder / "imagesTr").is_dir()):
                 raise MaskSAMError(f"choose a data-set folder: {folder.resolve()} holds no dataset.json or imagesTr/ "
                                    "(the nnU-Net layout, see docs/training.md); or train on the open image and "
                                    "labels layers (train on: open layers)")
-            problems = check_dataset(self.dataset.value, deep=False)
+            problems = check_dataset(_path(self.dataset), deep=False)
             if problems:
                 more = f" (and {len(problems) - 3} more: masksam-core check lists them)" if len(problems) > 3 else ""
                 raise MaskSAMError("the data set has problems: " + "; ".join(map(str, problems[:3])) + more)
         out = self._out_folder(False)
-        dataset = out / DATASET_FOLDER if data is not None else Path(self.dataset.value)
+        dataset = out / DATASET_FOLDER if data is not None else _path(self.dataset)
         config = TrainConfig(dataset=str(dataset), out=str(out), epochs=self.epochs.value, device=self.device.value,
                              time_limit=self.minutes.value or None, num_workers=self.workers.value, **self._settings())
         if missing:
@@ -271,7 +289,8 @@ class TrainWidget(Container):
         from masksam_core.training.trainer import Trainer
 
         self._out, self.trainer, self._stopping, self._iterating = Path(config.out), None, False, False
-        self._times, self._epoch_seconds = deque(maxlen=20), []  # iteration clock; seconds per epoch
+        self._times: deque[float] = deque(maxlen=20)  # iteration clock
+        self._epoch_seconds: list[float] = []  # seconds per epoch
         self._total_epochs, self._iters_per_epoch = config.epochs or 1, config.iters_per_epoch or 1
         self._deadline = time.monotonic() + config.time_limit * 60 if config.time_limit else None
         self.plot.clear()

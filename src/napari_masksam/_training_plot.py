@@ -31,7 +31,12 @@ class TrainingPlot:
         self.clear()
 
     def clear(self) -> None:
-        self.iter_x, self.iter_loss, self.epoch_x, self.epoch_loss, self.dice_x, self.dice = ([] for _ in range(6))
+        self.iter_x: list[float] = []
+        self.iter_loss: list[float] = []
+        self.epoch_x: list[float] = []
+        self.epoch_loss: list[float] = []
+        self.dice_x: list[float] = []
+        self.dice: list[float] = []
         self.update(force=True)
 
     def add_iteration(self, x: float, loss: float) -> None:

@@ -99,7 +99,7 @@ def _drive(gen: Generator[Any, None, Any], cancel: threading.Event) -> Generator
     """
     try:
         return (yield from relay(gen, cancel=cancel.is_set))
-    except Exception as error:  # noqa: BLE001 - every error becomes a notification
+    except Exception as error:  # every error becomes a notification
         return _Failed(error)
 
 
@@ -123,7 +123,7 @@ def run_job(make: Callable[[threading.Event], Generator[Any, None, Any]], what: 
         if on_yield is not None:
             try:
                 on_yield(item)
-            except Exception as error:  # noqa: BLE001 - a display problem must not stop the job
+            except Exception as error:  # a display problem must not stop the job
                 log.error("%s: progress display failed", what, exc_info=error)
 
     def returned(value: Any) -> None:
@@ -138,7 +138,7 @@ def run_job(make: Callable[[threading.Event], Generator[Any, None, Any]], what: 
         if on_return is not None and not job.cancel_event.is_set():
             try:
                 on_return(value)
-            except Exception as error:  # noqa: BLE001 - showing the result may fail too
+            except Exception as error:  # showing the result may fail too
                 job.error = error
                 notify_error(error, what)
 
@@ -158,7 +158,7 @@ def run_job(make: Callable[[threading.Event], Generator[Any, None, Any]], what: 
     def body() -> Generator[Any, None, Any]:
         try:
             gen = make(job.cancel_event)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             return _Failed(error)
         return (yield from _drive(gen, job.cancel_event))
 

@@ -56,7 +56,7 @@ def _scan_geometry_in_viewer(shape: tuple[int, int, int], meta: dict[str, Any]) 
     try:
         viewer = sys.modules["napari"].current_viewer()
         layers = list(viewer.layers) if viewer is not None else []
-    except Exception:  # noqa: BLE001 -- no viewer to look in: the layer's own placement is used
+    except Exception:  # no viewer to look in: the layer's own placement is used
         return None
     mine = geometry_from_meta(shape, meta).affine  # where napari shows the labels
     found: list[ImageGeometry] = []
@@ -65,9 +65,8 @@ def _scan_geometry_in_viewer(shape: tuple[int, int, int], meta: dict[str, Any]) 
         if not isinstance(geometry, ImageGeometry) or tuple(geometry.shape) != shape:
             continue
         shown = geometry_from_meta(shape, {"scale": layer.scale, "translate": layer.translate, "affine": layer.affine})
-        if np.allclose(shown.affine, mine):
-            if not any(np.allclose(geometry.affine, g.affine) for g in found):
-                found.append(geometry)
+        if np.allclose(shown.affine, mine) and not any(np.allclose(geometry.affine, g.affine) for g in found):
+            found.append(geometry)
     return found[0] if len(found) == 1 else None
 
 

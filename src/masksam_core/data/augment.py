@@ -37,13 +37,21 @@ import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from monai.data import get_track_meta, set_track_meta
 from monai.transforms import (
-    Compose, OneOf, RandAdjustContrast, RandFlipd, RandGaussianNoised, Randomizable, RandScaleIntensity,
-    RandScaleIntensityFixedMean, RandSimulateLowResolution,
+    Compose,
+    OneOf,
+    RandAdjustContrast,
+    RandFlipd,
+    RandGaussianNoised,
+    Randomizable,
+    RandScaleIntensity,
+    RandScaleIntensityFixedMean,
+    RandSimulateLowResolution,
 )
 from monai.utils import MAX_SEED
 
@@ -98,7 +106,7 @@ def augmentation_settings(level: str) -> tuple[AugmentConfig, tuple[int, ...]]:
     """The :class:`AugmentConfig` and mirror axes of a ``--augmentation`` level (a key of :data:`AUGMENTATIONS`)."""
     if level not in AUGMENTATIONS:
         raise AugmentError(f"unknown augmentation {level!r}; choose one of: {', '.join(AUGMENTATIONS)}")
-    off = {f: 0.0 for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")}
+    off: dict[str, Any] = {f: 0.0 for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")}
     if level == "none":
         return AugmentConfig(**off), ()
     if level == "intensity":
@@ -133,7 +141,8 @@ def sampling_size(
     patch = np.array(check_patch(patch_size), dtype=float)
     cfg = config or AugmentConfig()
     if cfg.p_rotation == 0 and cfg.p_scaling == 0:  # nothing to resample: the patch itself
-        return tuple(int(p) for p in patch)  # type: ignore[return-value]
+        t, h, w = (int(p) for p in patch)
+        return t, h, w
     max_rad = math.radians(min(cfg.rotation(anisotropic), 180.0)) if cfg.p_rotation > 0 else 0.0
     corners = np.array(list(itertools.product((-0.5, 0.5), repeat=3))) * patch
     extent = patch / 2
@@ -144,7 +153,8 @@ def sampling_size(
     if anisotropic:
         size[0] = int(patch[0])
     size += (size - patch.astype(int)) % 2
-    return tuple(int(s) for s in size)  # type: ignore[return-value]
+    t, h, w = (int(s) for s in size)
+    return t, h, w
 
 
 def _split(make: Callable[[tuple[float, float]], Callable], low: float, high: float) -> Callable:
@@ -190,7 +200,8 @@ class TrainTransforms:
         The generators are reseeded in place (far cheaper than MONAI's new generator per step: docs/benchmarks.md).
         """
         self._master.seed(int(seed) % MAX_SEED)
-        for t, s in zip(self._random, self._master.randint(MAX_SEED, size=len(self._random), dtype=np.int64)):
+        seeds = self._master.randint(MAX_SEED, size=len(self._random), dtype=np.int64)
+        for t, s in zip(self._random, seeds, strict=True):
             t.R.seed(int(s))
         return self
 

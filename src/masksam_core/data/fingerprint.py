@@ -34,7 +34,8 @@ def read_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     from ..io import read_image
 
     array, geometry = read_image(path)
-    return np.asarray(array), tuple(float(s) for s in geometry.spacing)  # type: ignore[return-value]
+    sz, sy, sx = (float(s) for s in geometry.spacing)
+    return np.asarray(array), (sz, sy, sx)
 
 
 def read_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
@@ -43,7 +44,7 @@ def read_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, tuple[float, f
     The spacing is the first channel's. Raises :class:`PlansError` when channels
     or labels do not share one shape, or the labels are not integers.
     """
-    arrays = []
+    arrays: list[np.ndarray] = []
     spacing: tuple[float, float, float] | None = None
     for path in case.images:
         array, spc = read_volume(Path(path))
@@ -84,7 +85,7 @@ def _intensity_stats(samples: np.ndarray) -> dict[str, float | int | None]:
         return {**dict.fromkeys(names), "num_samples": 0}
     s = samples.astype(np.float64)
     values = (s.mean(), s.std(), np.median(s), s.min(), s.max(), np.percentile(s, 0.5), np.percentile(s, 99.5))
-    return {**{n: float(v) for n, v in zip(names, values)}, "num_samples": int(s.size)}
+    return {**{n: float(v) for n, v in zip(names, values, strict=True)}, "num_samples": int(s.size)}
 
 
 def foreground_samples(image: np.ndarray, labels: np.ndarray | None, num_samples: int, seed: int) -> np.ndarray:

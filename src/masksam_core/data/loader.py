@@ -163,7 +163,7 @@ class PatchSampler:
         self.patch_size = tuple(int(p) for p in patch_size)
         self.sample_size = tuple(int(s) for s in (sample_size or patch_size))
         if len(self.patch_size) != 3 or len(self.sample_size) != 3 or min(self.patch_size) < 1 or any(
-            s < p for s, p in zip(self.sample_size, self.patch_size)
+            s < p for s, p in zip(self.sample_size, self.patch_size, strict=True)
         ):
             raise LoaderError(f"patch_size {tuple(patch_size)} and sample_size {sample_size} must be 3 positive "
                               "sizes (T, H, W), the sample size at least the patch size")
@@ -173,7 +173,7 @@ class PatchSampler:
                     voxel: Sequence[int] | None = None) -> tuple[int, ...]:
         """Start (z, y, x) of the patch (may be negative or reach past the volume: padding)."""
         start = []
-        for d, (size, p) in enumerate(zip(shape, self.patch_size)):
+        for d, (size, p) in enumerate(zip(shape, self.patch_size, strict=True)):
             lo, hi = (0, size - p) if size >= p else (-((p - size) // 2),) * 2
             if voxel is None:
                 start.append(int(rng.integers(lo, hi + 1)))
@@ -185,15 +185,16 @@ class PatchSampler:
     def crop(self, image: np.ndarray, labels: np.ndarray, start: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Image (C, T', H', W') float32 and labels (T', H', W') of ``sample_size`` around the patch at
         ``start``, zero-padded outside the volume."""
-        first = [s - (q - p) // 2 for s, p, q in zip(start, self.patch_size, self.sample_size)]
+        first = [s - (q - p) // 2 for s, p, q in zip(start, self.patch_size, self.sample_size, strict=True)]
         src, dst = [], []
-        for f, q, size in zip(first, self.sample_size, labels.shape):
+        for f, q, size in zip(first, self.sample_size, labels.shape, strict=True):
             a, b = max(f, 0), min(f + q, size)
             src.append(slice(a, max(a, b)))
             dst.append(slice(a - f, a - f + max(b - a, 0)))
         img = np.zeros((image.shape[0], *self.sample_size), dtype=np.float32)
         lab = np.zeros(self.sample_size, dtype=labels.dtype)
-        img[(slice(None), *dst)] = image[(slice(None), *src)]
+        into, outof = (slice(None), *dst), (slice(None), *src)
+        img[into] = image[outof]
         lab[tuple(dst)] = labels[tuple(src)]
         return img, lab
 

@@ -28,7 +28,7 @@ PLANS_VERSION = 1
 ANISOTROPY_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD
 # resampling orders as in nnU-Net's default planner: images 3rd-order spline, labels
 # one-hot linear, probabilities linear; order 0 (nearest) along a separate (anisotropic) axis
-RESAMPLING = {
+RESAMPLING: dict[str, Any] = {
     "threshold": ANISOTROPY_THRESHOLD,
     "image_order": 3, "image_order_z": 0,
     "label_order": 1, "label_order_z": 0,
@@ -170,7 +170,7 @@ class Plans:
 
 def compute_new_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
     """Shape after resampling, nnU-Net's rounding: ``round(shape * spacing / target)`` per axis."""
-    return tuple(int(round(float(n) * float(s) / float(t))) for n, s, t in zip(shape, spacing, target))
+    return tuple(round(float(n) * float(s) / float(t)) for n, s, t in zip(shape, spacing, target, strict=True))
 
 
 def determine_target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]],
@@ -254,7 +254,7 @@ def make_plans(spec: DatasetSpec, fingerprint: dict[str, Any], preset: str, *,
     if min(min(s) for s in spacings) <= 0:
         raise PlansError("a case has a spacing <= 0; fix the image headers (voxel sizes) and fingerprint again")
     target, axis = determine_target_spacing(spacings, shapes)
-    new_shapes = [compute_new_shape(sh, sp, target) for sh, sp in zip(shapes, spacings)]
+    new_shapes = [compute_new_shape(sh, sp, target) for sh, sp in zip(shapes, spacings, strict=True)]
     stats = fingerprint.get("foreground_intensity", {})
     class_names = _class_names(spec)
     data_stats = DataStats(

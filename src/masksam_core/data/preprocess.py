@@ -97,6 +97,8 @@ def normalize_image(image: np.ndarray, plans: Plans) -> np.ndarray:
         if norm.scheme == "ct":
             np.clip(channel, norm.lower, norm.upper, out=channel)
             mean, std = norm.mean, norm.std
+            if mean is None or std is None:
+                raise PlansError(f"the plans' ct normalisation of channel {c} lacks its mean and std; plan again")
         elif norm.scheme == "zscore":
             mean, std = channel.mean(dtype=np.float64), channel.std(dtype=np.float64)
         else:
@@ -130,7 +132,7 @@ def _zoom(volume: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
     """``volume`` (Z, Y, X) resampled to ``shape`` with a spline of ``order``; float32."""
     if tuple(volume.shape) == tuple(shape):
         return volume.astype(np.float32, copy=False)
-    factors = [n / o for n, o in zip(shape, volume.shape)]
+    factors = [n / o for n, o in zip(shape, volume.shape, strict=True)]
     out = ndimage.zoom(volume.astype(np.float32, copy=False), factors, order=order, mode="nearest",
                        grid_mode=True, prefilter=order > 1, output=np.float32)
     assert out.shape == tuple(shape), (out.shape, shape)
@@ -196,7 +198,7 @@ def _target_shape(shape: Sequence[int], spacing: Sequence[float], target_spacing
     if len(spacing) != 3 or min(spacing) <= 0:
         raise PlansError(f"spacing {tuple(spacing)} must be three positive numbers (sz, sy, sx) in mm")
     new = compute_new_shape(shape, spacing, target_spacing)
-    if min(new) < 1 or max(n / max(int(o), 1) for n, o in zip(new, shape)) > 64:
+    if min(new) < 1 or max(n / max(int(o), 1) for n, o in zip(new, shape, strict=True)) > 64:
         target = tuple(float(t) for t in target_spacing)
         raise PlansError(f"at {tuple(float(s) for s in spacing)} mm per voxel this {tuple(int(n) for n in shape)} scan "
                          f"becomes {new} voxels at the model's {target} mm: the voxel size looks wrong (micrometres or "
@@ -254,7 +256,7 @@ def _paths(cache_dir: Path, case_id: str) -> PreprocessedCase:
 def case_key(case: Case, plans_key: str) -> str:
     """Cache key of a case: the plans' preprocessing key and each source file's path, size and mtime_ns."""
     files = []
-    for path in [*case.images, case.label]:
+    for path in case.images if case.label is None else [*case.images, case.label]:
         try:
             st = Path(path).stat()
         except OSError as error:

@@ -31,7 +31,8 @@ def check_patch(patch_size: Sequence[int]) -> tuple[int, int, int]:
     """``patch_size`` as three positive ints (T, H, W), or an error that says what is wrong."""
     if len(patch_size) != 3 or any(int(p) != p or p < 1 for p in patch_size):
         raise AugmentError(f"patch_size must be three positive integers (T, H, W), got {tuple(patch_size)}")
-    return tuple(int(p) for p in patch_size)  # type: ignore[return-value]
+    t, h, w = (int(p) for p in patch_size)
+    return t, h, w
 
 
 class AugmentError(MaskSAMError):
@@ -100,8 +101,9 @@ class RandRotateScaleCropd(Randomizable, MapTransform):
             if self.anisotropic:
                 img = ResizeWithPadOrCrop((t, -1, -1), mode="constant")(img)
             # an odd size difference would put the input centre between voxels: drop the last voxel
-            trim = tuple(slice(0, s - ((s - p) % 2)) for s, p in zip(img.shape[1:], self.patch_size))
-            img = torch.as_tensor(img)[(slice(None), *trim)]
+            trim = tuple(slice(0, s - ((s - p) % 2)) for s, p in zip(img.shape[1:], self.patch_size, strict=True))
+            index = (slice(None), *trim)
+            img = torch.as_tensor(img)[index]
             if self.anisotropic:
                 img = img.reshape(-1, *img.shape[2:])
             mode = self.image_mode if key == "image" else "nearest"
@@ -128,7 +130,9 @@ class RandGaussianBlur(Randomizable):
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(img, dtype=torch.float32)
         self.randomize()
-        kernels = [gaussian_1d(float(s), truncated=self.truncated, approx="sampled") for s in self.sigmas[: x.ndim - 1]]
+        # monai's stub asks for a Tensor sigma; gaussian_1d takes a float as well
+        kernels = [gaussian_1d(float(s), truncated=self.truncated, approx="sampled")  # type: ignore[arg-type]
+                   for s in self.sigmas[: x.ndim - 1]]
         kernels = [k / k.sum() for k in kernels]  # sums to 1: flat regions stay flat
         return separable_filtering(x[None], kernels, mode="replicate")[0]
 

@@ -30,6 +30,7 @@ __all__ = ["boxes_from_rectangles"]
 EPS = 1e-6  # coordinates this close to a voxel edge count as on it
 
 Rectangle = Sequence[float]
+Span = tuple[int, int, float, float, float, float]  # z0, z1 (slices), y_min, x_min, y_max, x_max
 
 
 def _in_plane(low: float, high: float, size: int) -> tuple[int, int]:
@@ -39,7 +40,7 @@ def _in_plane(low: float, high: float, size: int) -> tuple[int, int]:
     return v0, v1
 
 
-def _paired_spans(rects: Sequence[Rectangle]) -> tuple[list[tuple[float, ...]], list[Rectangle]]:
+def _paired_spans(rects: Sequence[Rectangle]) -> tuple[list[Span], list[Rectangle]]:
     """(boxes from rectangles drawn on an object's first and last slices, the other rectangles).
 
     Pairs are looked for when the rectangles lie on exactly two slices, as many on each: each one
@@ -52,10 +53,12 @@ def _paired_spans(rects: Sequence[Rectangle]) -> tuple[list[tuple[float, ...]], 
     if len(slices) != 2 or len(first) * 2 != len(rects):
         return [], list(rects)
     rest = [r for r in rects if r[0] == slices[1]]
-    spans, single = [], []
+    spans: list[Span] = []
+    single: list[Rectangle] = []
     for r in first:
         centre = np.array([r[1] + r[3], r[2] + r[4]])
-        j = min(range(len(rest)), key=lambda k: np.hypot(*(centre - [rest[k][1] + rest[k][3], rest[k][2] + rest[k][4]])))
+        j = min(range(len(rest)),
+                key=lambda k: np.hypot(*(centre - [rest[k][1] + rest[k][3], rest[k][2] + rest[k][4]])))
         other = rest.pop(j)
         if min(r[3], other[3]) <= max(r[1], other[1]) or min(r[4], other[4]) <= max(r[2], other[2]):
             single += [r, other]  # they do not overlap: two objects, not one object's two ends

@@ -37,6 +37,7 @@ import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -50,6 +51,9 @@ from ..progress import drive
 from . import interactive_cli
 from .sliding_window import Progress, sliding_window
 from .windows import Window, intensity_range, parse_window
+
+if TYPE_CHECKING:
+    from ..modeling.masksam import MaskSAM
 
 __all__ = ["BASE_MODELS", "BoxPrompter", "SliceFrame", "add_cli", "check_boxes"]
 
@@ -105,7 +109,7 @@ def check_boxes(boxes: Sequence[Sequence[int]], shape: Sequence[int]) -> list[tu
     """Validate half-open boxes (z0, z1, y0, x0, y1, x1) against a (Z, Y, X) ``shape``."""
     if len(boxes) == 0:
         raise MaskSAMError("no box given; give at least one box Z0 Z1 Y0 X0 Y1 X1")
-    out = []
+    out: list[tuple[int, ...]] = []
     z, y, x = (int(v) for v in shape[-3:])
     for i, box in enumerate(boxes, 1):
         try:
@@ -154,7 +158,7 @@ class BoxPrompter:
         self.device = select_device(device)
         self.amp = autocast_dtype(self.device, amp, cpu_bf16=True)
         self.sam: SamBackbone | None = None
-        self.run_model: torch.nn.Module | None = None
+        self.run_model: MaskSAM | None = None
         self.plans: Plans | None = None
         if isinstance(model, SamBackbone):
             self.sam, self.name = model, model.name
@@ -211,7 +215,7 @@ class BoxPrompter:
         else:
             masks = yield from self._run(volume, checked, spacing)
         labels = np.zeros(volume.shape[-3:], dtype=np.uint16)
-        for i, (mask, (z0, z1, *_)) in enumerate(zip(masks, checked), 1):
+        for i, (mask, (z0, z1, *_)) in enumerate(zip(masks, checked, strict=True), 1):
             labels[z0:z1][mask] = i  # mask: (z1 - z0, Y, X); later boxes win overlaps
         return labels
 
@@ -229,7 +233,7 @@ class BoxPrompter:
             image = frame.image(image, sam.pixel_mean, sam.pixel_std)
             prompts = torch.tensor([frame.box(*boxes[i][2:]) for i in which], dtype=torch.float32, device=self.device)
             logits = frame.logits(self.predict_slices(image[None], prompts[None])[0])
-            for i, m in zip(which, (logits > 0).cpu().numpy()):
+            for i, m in zip(which, (logits > 0).cpu().numpy(), strict=True):
                 masks[i][z - boxes[i][0]] = m
             yield Progress(done, len(slices), time.perf_counter() - start)
         return masks
@@ -251,7 +255,7 @@ class BoxPrompter:
         shape, target = image.shape[1:], plans.target_spacing
         prepared = preprocess_image(image.astype(np.float32), spacing, plans)
         rects = np.zeros((len(boxes), *shape), dtype=np.float32)
-        for rect, (z0, z1, y0, x0, y1, x1) in zip(rects, boxes):
+        for rect, (z0, z1, y0, x0, y1, x1) in zip(rects, boxes, strict=True):
             rect[z0:z1, y0:y1, x0:x1] = 1.0
         rects = resample_to_shape(rects, prepared.shape[1:], current_spacing=spacing, new_spacing=target)
         rects = np.stack([r > 0.5 if (r > 0.5).any() else r > 0 for r in rects]).astype(np.float32)
@@ -268,7 +272,7 @@ class BoxPrompter:
         logits = yield from sliding_window(stacked, predictor, model.patch_size, overlap=0.5, device=self.device,
                                            accumulate_on="cpu")
         back = resample_to_shape(logits.numpy(), shape, current_spacing=target, new_spacing=spacing)
-        return [b[z0:z1] > 0 for b, (z0, z1, *_) in zip(back, boxes)]
+        return [b[z0:z1] > 0 for b, (z0, z1, *_) in zip(back, boxes, strict=True)]
 
 
 # --------------------------------------------------------------------------- command line
@@ -311,13 +315,16 @@ def _cli(args: argparse.Namespace) -> int:
     unit = "slice" if prompter.mode == "zero-shot" else "window"
     with tqdm(desc=f"{Path(args.input).name} ({len(boxes)} box{'es' if len(boxes) > 1 else ''})", unit=unit,
               dynamic_ncols=True) as bar:
+        def show(progress: Progress) -> None:
+            bar.total = progress.total
+            bar.update(progress.done - bar.n)
+
         if args.propagate:  # slices decoded, their number open in advance
             labels, names = interactive_cli.segment_propagated(
                 volume, boxes, points, args.name, sam=prompter.sam, device=args.device, amp=args.amp,
                 window=args.window, progress=lambda p: bar.update(1 if p.done else 0))
         else:
-            labels = drive(prompter.segment_iter(volume, boxes, spacing=geometry.spacing),
-                           lambda p: (setattr(bar, "total", p.total), bar.update(p.done - bar.n)))
+            labels = drive(prompter.segment_iter(volume, boxes, spacing=geometry.spacing), show)
     write_labels(out, labels, geometry, class_names=names, overwrite=args.overwrite)
     found = ", ".join(f"{names[i]}: {int((labels == i).sum())} voxels" for i in range(1, len(boxes) + 1))
     print(f"wrote {out} ({found})")

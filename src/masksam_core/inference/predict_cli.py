@@ -99,9 +99,11 @@ def _group(files: list[Path]) -> list[Case]:
     for cid, channels in groups.items():
         if cid in twice:
             names = ", ".join(f.name for f in twice[cid])
+            match = _CHANNEL.match(_split(twice[cid][0])[0])
+            assert match is not None  # only names with a channel suffix are in twice
             cases.append(Case(cid, [channels[i] for i in sorted(channels)],
                               problem=f"{twice[cid][0]}: {names} are all channel "
-                                      f"{_CHANNEL.match(_split(twice[cid][0])[0])['channel']} of case {cid}; "
+                                      f"{match['channel']} of case {cid}; "
                                       "keep one of them (move the others out of the input folder)"))
             continue
         if 0 not in channels:  # not nnU-Net naming after all: every file is its own case
@@ -241,6 +243,7 @@ def predict_case(predictor: Predictor, case: Case, out_dir: Path, args: argparse
     names = dict(enumerate(prediction.class_names))
     stale = out_dir / f"{case.id}.npz"
     if args.save_probabilities:
+        assert prediction.probabilities is not None  # asked for with return_probabilities
         write_probabilities(outputs[2], prediction.probabilities, prediction.class_names, geometry.spacing)
     elif stale.exists():  # the probabilities of the prediction these labels replace: they would mislead
         stale.unlink()
@@ -304,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
             written = predict_case(predictor, case, out_dir, args)
         except KeyboardInterrupt:
             raise
-        except Exception as error:  # noqa: BLE001 - one bad case must not stop the others
+        except Exception as error:  # one bad case must not stop the others
             failed += 1
             print(f"{tag}failed: {_one_line(case, error)}", file=sys.stderr, flush=True)
             continue

@@ -31,10 +31,10 @@ after every batch and between the resampling of classes, and raises
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,7 +87,7 @@ def accumulation_device(device: torch.device, channels: int, shape: Sequence[int
 
 def count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:
     """Windows :func:`sliding_window` visits on a (Z, Y, X) ``shape`` (padded up to ``patch``)."""
-    return math.prod(len(window_starts(max(n, p), p, overlap)) for n, p in zip(shape, patch))
+    return math.prod(len(window_starts(max(n, p), p, overlap)) for n, p in zip(shape, patch, strict=True))
 
 
 def training_config(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -138,9 +138,9 @@ class Predictor:
     ``training_config`` (the run's ``masksam-core train`` settings; empty when unknown).
     """
 
-    def __init__(self, run_dir_or_checkpoint: str | Path, *, device: str | torch.device = "auto",
-                 base_checkpoint: str | Path | None = None, amp: str = "auto",
-                 query_chunk: int | None | str = "auto", compile: bool = False) -> None:
+    def __init__(self, run_dir_or_checkpoint: str | os.PathLike[str], *, device: str | torch.device = "auto",
+                 base_checkpoint: str | os.PathLike[str] | None = None, amp: str = "auto",
+                 query_chunk: int | str | None = "auto", compile: bool = False) -> None:
         from ..devices import autocast_dtype, select_device
         from ..runs import load_run
 
@@ -174,9 +174,9 @@ class Predictor:
         from ..modeling.heads import semantic_scores
 
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp or torch.float32,
-                                              enabled=self.amp is not None):
-            with compile_errors(self.device, "predict without --compile (same results)"):
-                out = self._network(batch, query_chunk=self.query_chunk)
+                                              enabled=self.amp is not None), \
+                compile_errors(self.device, "predict without --compile (same results)"):
+            out = self._network(batch, query_chunk=self.query_chunk)
         return semantic_scores(out["pred_logits"], out["pred_masks"])
 
     # ------------------------------------------------------------------ public API
@@ -221,7 +221,7 @@ class Predictor:
         pre = torch.from_numpy(preprocess_image(image, spacing, self.plans))
         overlap = 1.0 - step_size
         total = count_windows(pre.shape[1:], self.patch_size, overlap)
-        padded = [max(n, p) for n, p in zip(pre.shape[1:], self.patch_size)]
+        padded = [max(n, p) for n, p in zip(pre.shape[1:], self.patch_size, strict=True)]
         on = accumulation_device(self.device, len(self.class_names) + self.in_channels, padded)
         _check_cancel(cancel)
         yield Progress(0, total, 0.0)
@@ -235,6 +235,7 @@ class Predictor:
                 raise MaskSAMError(f"out of GPU memory on {self.device}: use --batch-size 1, --device cpu, "
                                    "or a smaller preset") from None
         del pre
+        assert scores is not None  # _check_cancel raises rather than returning a stop
         labels, probabilities = self._to_input_grid(scores.cpu().numpy(), image.shape[1:], spacing,
                                                     return_probabilities, cancel)
         return Prediction(labels, probabilities, list(self.class_names))

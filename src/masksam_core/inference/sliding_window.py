@@ -117,13 +117,13 @@ def sliding_window(
     start = time.perf_counter()
 
     shape = volume.shape[1:]
-    pads = [max(p - s, 0) for s, p in zip(shape, patch_size)]
+    pads = [max(p - s, 0) for s, p in zip(shape, patch_size, strict=True)]
     before = [d // 2 for d in pads]  # centred, as the training sampler places short volumes (and nnU-Net pads)
     if any(pads):  # the padded region is cropped away at the end
-        sides = [(b, d - b) for b, d in zip(before, pads)]
+        sides = [(b, d - b) for b, d in zip(before, pads, strict=True)]
         volume = torch.nn.functional.pad(volume, [n for side in reversed(sides) for n in side])
     padded = volume.shape[1:]
-    starts = [window_starts(n, p, overlap) for n, p in zip(padded, patch_size)]
+    starts = [window_starts(n, p, overlap) for n, p in zip(padded, patch_size, strict=True)]
     windows = list(itertools.product(*starts))
     weight = (gaussian_importance(patch_size) if gaussian else torch.ones(tuple(patch_size))).to(accumulate_on)
     flips = mirror_sets(mirror_axes)
@@ -144,11 +144,11 @@ def sliding_window(
         out = (out / len(flips)).to(accumulate_on)
         if total is None:
             total = torch.zeros((out.shape[1], *padded), device=accumulate_on)
-        for (z, y, x), o in zip(chunk, out):
+        for (z, y, x), o in zip(chunk, out, strict=True):
             total[:, z : z + t, y : y + h, x : x + w] += o * weight
             norm[z : z + t, y : y + h, x : x + w] += weight
         yield Progress(min(first + batch_size, len(windows)), len(windows), time.perf_counter() - start)
     assert total is not None
-    result = total / norm
-    return result[(slice(None), *(slice(b, b + n) for b, n in zip(before, shape)))]
+    inside = (slice(None), *(slice(b, b + n) for b, n in zip(before, shape, strict=True)))
+    return (total / norm)[inside]
 

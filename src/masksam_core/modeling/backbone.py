@@ -8,6 +8,7 @@ arguments; the registry maps a name to its builder.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,7 +93,7 @@ class SamBackbone(nn.Module):
         embeddings = self.image_encoder(images)
         pe = self.prompt_encoder.get_dense_pe()
         out = []
-        for emb, slice_boxes in zip(embeddings, boxes):
+        for emb, slice_boxes in zip(embeddings, boxes, strict=True):
             sparse, dense = self.prompt_encoder(points=None, boxes=slice_boxes, masks=None)
             masks, _ = self.mask_decoder(
                 image_embeddings=emb[None],
@@ -306,7 +307,7 @@ def build_backbone(name: str, *, image_size: int | None = None) -> SamBackbone:
 
 def load_sam_backbone(
     name: str,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     *,
     image_size: int | None = None,
     pretrained: bool = True,
@@ -334,7 +335,8 @@ def load_sam_backbone(
         return backbone
     path = weights.fetch(name, checkpoint=checkpoint, progress=progress)
     state = weights.load_state_dict(path)
-    state = {k: v for k, v in state.items() if k.split(".", 1)[0] in ("image_encoder", "prompt_encoder", "mask_decoder")}
+    sam_parts = ("image_encoder", "prompt_encoder", "mask_decoder")
+    state = {k: v for k, v in state.items() if k.split(".", 1)[0] in sam_parts}
     weights.check_backbone(state, name)
     state = checkpoint_filter_fn(state, backbone)
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder
+from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
 from .adapters import DConvAdapter, DMLPAdapter
@@ -146,6 +147,12 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _conv2x2(conv: nn.Module) -> nn.ConvTranspose2d:
+    if not isinstance(conv, nn.ConvTranspose2d) or tuple(conv.kernel_size) != (2, 2) or tuple(conv.stride) != (2, 2):
+        raise ValueError(f"expected 2x2 transposed convolutions of stride 2, got {conv}")
+    return conv
+
+
 def upscale_masks(upscaling: nn.Sequential, keys: torch.Tensor, hyper: torch.Tensor, h: int, w: int,
                   ) -> torch.Tensor:
     """SAM's mask head for one mask token, on token-major image tokens.
@@ -160,13 +167,13 @@ def upscale_masks(upscaling: nn.Sequential, keys: torch.Tensor, hyper: torch.Ten
     place, so only the final (N, 4h, 4w) map is rearranged.
     """
     up1, norm, act1, up2, act2 = upscaling
-    for conv in (up1, up2):
-        if tuple(conv.kernel_size) != (2, 2) or tuple(conv.stride) != (2, 2):
-            raise ValueError(f"expected 2x2 transposed convolutions of stride 2, got {conv}")
+    up1, up2 = _conv2x2(up1), _conv2x2(up2)
+    assert isinstance(norm, LayerNorm2d)
     n, hw, _ = keys.shape
 
-    def as_linear(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def as_linear(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
         weight = conv.weight.permute(2, 3, 1, 0).reshape(-1, conv.weight.shape[0])  # (dy dx Cout, Cin)
+        assert conv.bias is not None  # SAM's upscaling convolutions have biases
         return weight, conv.bias.repeat(4)
 
     x = F.linear(keys, *as_linear(up1)).reshape(n, hw, 2, 2, -1)

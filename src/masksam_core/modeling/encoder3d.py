@@ -9,9 +9,11 @@ the backbone's own names.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from segment_anything.modeling.image_encoder import (
+    Block,
     ImageEncoderViT,
     window_partition,
     window_unpartition,
@@ -20,6 +22,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .adapters import DConvAdapter
+
+if TYPE_CHECKING:
+    from .tiny_vit import TinyViT
 
 EncoderOutput = tuple[torch.Tensor, list[torch.Tensor]]
 
@@ -51,7 +56,7 @@ class ViTAdapters(nn.Module):
         self.mlp_adapter_scale = mlp_adapter_scale
         self.grad_checkpointing = False
 
-    def _block(self, i: int, block: nn.Module, x: torch.Tensor, depth: int) -> torch.Tensor:
+    def _block(self, i: int, block: Block, x: torch.Tensor, depth: int) -> torch.Tensor:
         shortcut = x
         h = block.norm1(x)
         if block.window_size > 0:
@@ -117,29 +122,29 @@ class TinyViTAdapters(nn.Module):
         ]
         self.depth_embed = nn.Parameter(torch.zeros(1, depth, stage_dims[1]))
         self.attn_adapters = nn.ModuleList(
-            adapter_layer(stage_dims[l], stage_dims[l] // bottleneck_ratio) for l, _ in self.keys
+            adapter_layer(stage_dims[layer], stage_dims[layer] // bottleneck_ratio) for layer, _ in self.keys
         )
         self.mlp_adapters = nn.ModuleList(
-            adapter_layer(stage_dims[l], stage_dims[l] // bottleneck_ratio) for l, _ in self.keys
+            adapter_layer(stage_dims[layer], stage_dims[layer] // bottleneck_ratio) for layer, _ in self.keys
         )
         self.mlp_adapter_scale = mlp_adapter_scale
         self.grad_checkpointing = False
 
     def forward(
-        self, encoder: nn.Module, x: torch.Tensor, depth: int, *, enabled: bool = True
+        self, encoder: TinyViT, x: torch.Tensor, depth: int, *, enabled: bool = True
     ) -> EncoderOutput:
         if not enabled:
             neck, stages = encoder.forward_features(x)
             return neck, stages[::-1]
 
-        def bind(adapter: DConvAdapter, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        def bind(adapter: nn.Module, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
             if scale == 1.0:
                 return lambda t: adapter(t, depth)
             return lambda t: scale * adapter(t, depth)
 
         adapters = {
             key: (bind(a, 1.0), bind(m, self.mlp_adapter_scale))
-            for key, a, m in zip(self.keys, self.attn_adapters, self.mlp_adapters)
+            for key, a, m in zip(self.keys, self.attn_adapters, self.mlp_adapters, strict=True)
         }
 
         def add_depth(tokens: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ class FinalConv(nn.Module):
         act_layer: type[nn.Module] = nn.LeakyReLU,
     ) -> None:
         super().__init__()
-        steps = max(0, int(round(math.log2(out_size / in_size))))
+        steps = max(0, round(math.log2(out_size / in_size)))
         self.out_size = out_size
         self.conv_in = nn.Sequential(nn.Conv3d(1, hidden, 3, padding=1), act_layer(inplace=True))
         ups: list[nn.Module] = []
@@ -69,7 +69,8 @@ class FinalConv(nn.Module):
         self.upsample = nn.Sequential(*ups) if ups else nn.Identity()
         self.conv_out = nn.Conv3d(hidden, 1, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        if self.conv_out.bias is not None:  # it has one (bias=True): the stub allows None
+            nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, q, t, h, w = x.shape

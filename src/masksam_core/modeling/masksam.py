@@ -17,6 +17,7 @@ and in eval mode.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ CHECKPOINT_QUERY_CHUNK = 4  # queries per recomputed decoder call under gradient
 
 def decoder_sizes(embedding_size: int, patch_size: int, stages: int) -> tuple[int, ...]:
     """In-plane size of each prompt-generator stage: constant, then doubling to the patch size."""
-    ups = int(round(math.log2(patch_size / embedding_size)))
+    ups = round(math.log2(patch_size / embedding_size))
     if 2**ups * embedding_size != patch_size or ups < 0:
         raise ValueError(f"patch size {patch_size} is not embedding size {embedding_size} times a power of 2")
     if stages < ups + 1:
@@ -72,7 +73,7 @@ class MaskSAM(nn.Module):
         depth, height, width = patch_size
         if height != width:
             raise ValueError(f"patches must be square in-plane, got {height}x{width}")
-        upsample = int(round(math.log2(sam.image_size / height)))
+        upsample = round(math.log2(sam.image_size / height))
         if upsample < 0 or height * 2**upsample != sam.image_size:
             raise ValueError(f"SAM input {sam.image_size} is not patch size {height} times a power of 2")
         self.sam = sam.requires_grad_(False).eval()
@@ -84,10 +85,10 @@ class MaskSAM(nn.Module):
         h = sam.embedding_size
 
         self.first_conv = FirstConv(in_channels, upsample=upsample)
-        encoder = sam.image_encoder
+        encoder: Any = sam.image_encoder  # segment-anything's ImageEncoderViT (untyped) or TinyViT, by sam.kind
         if sam.kind == "vit":
             embed_dim = encoder.patch_embed.proj.out_channels
-            self.encoder_adapters: nn.Module = ViTAdapters(
+            self.encoder_adapters: ViTAdapters | TinyViTAdapters = ViTAdapters(
                 embed_dim=embed_dim,
                 num_blocks=len(encoder.blocks),
                 depth=depth,
@@ -212,9 +213,9 @@ class MaskSAM(nn.Module):
         out["pred_logits"] = parts[0][1] if len(parts) == 1 else torch.cat([lg for _, lg in parts], dim=1)
         return out
 
-    def _decode_masks(self, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_masks(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_decode` followed by final_conv: mask logits at the patch size and class logits."""
-        low, logits = self._decode(*args)  # type: ignore[arg-type]
+        low, logits = self._decode(*args)
         return self.final_conv(low), logits
 
     def _decode(self, neck: torch.Tensor, pe: torch.Tensor, binary: torch.Tensor, boxes: torch.Tensor,

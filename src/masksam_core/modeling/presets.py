@@ -8,9 +8,10 @@ follow its Table 5; ``lite`` and ``tiny`` are this project's own.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 from ..errors import ModelError
 from .backbone import PRETRAINED, build_backbone, load_sam_backbone
@@ -94,7 +95,7 @@ def get_preset(preset: str | Preset) -> Preset:
     return PRESETS[preset]
 
 
-def resolve_preset(preset: str | Preset, **overrides: object) -> Preset:
+def resolve_preset(preset: str | Preset, **overrides: Any) -> Preset:
     """The preset with ``overrides`` applied (unknown names are a clear error)."""
     base = get_preset(preset)
     fields = {f.name for f in dataclasses.fields(Preset)} - {"name"}
@@ -102,13 +103,13 @@ def resolve_preset(preset: str | Preset, **overrides: object) -> Preset:
     if unknown:
         raise ModelError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
     if "patch_size" in overrides:
-        overrides["patch_size"] = tuple(int(v) for v in overrides["patch_size"])  # type: ignore[union-attr]
-    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+        overrides["patch_size"] = tuple(int(v) for v in overrides["patch_size"])
+    return dataclasses.replace(base, **overrides)
 
 
 def build_model(
     preset: str | Preset,
-    base_checkpoint: str | Path | None = None,
+    base_checkpoint: str | os.PathLike[str] | None = None,
     *,
     num_classes: int | None = None,
     in_channels: int = 1,
@@ -160,4 +161,4 @@ def slice_size(preset: Preset, patch_size: Sequence[int] | None, sam_image_size:
         return int(sam_image_size)
     if patch_size is None:
         return int(preset.sam_image_size)
-    return int(round(preset.sam_image_size * int(patch_size[1]) / preset.patch_size[1]))
+    return round(preset.sam_image_size * int(patch_size[1]) / preset.patch_size[1])

@@ -66,7 +66,7 @@ def up_stack(in_channels: int, out_channels: int, steps: int) -> nn.Module:
 
 def _factor_pair(n: int) -> tuple[int, int]:
     """Two factors of n, as close to its square root as possible (256 → (16, 16))."""
-    a = int(math.isqrt(n))
+    a = math.isqrt(n)
     while n % a:
         a -= 1
     return a, n // a
@@ -101,12 +101,12 @@ class PromptGenerator(nn.Module):
         self.skips = nn.ModuleList()
         self.blocks = nn.ModuleList()
         self.skip_sources: list[int | None] = []  # feature index, -1 = image, None = no skip
-        for s, (width, size) in enumerate(zip(widths, sizes)):
+        for s, (width, size) in enumerate(zip(widths, sizes, strict=True)):
             if s == 0:
                 self.ups.append(nn.Identity())
                 in_ch = widths[0]
             else:
-                step = int(round(math.log2(size / sizes[s - 1])))
+                step = round(math.log2(size / sizes[s - 1]))
                 if step not in (0, 1):
                     raise ValueError("decoder stages must keep or double the in-plane size")
                 self.ups.append(
@@ -116,7 +116,7 @@ class PromptGenerator(nn.Module):
                 )
                 in_ch = width
             if s < len(feature_channels):
-                steps = int(round(math.log2(size / feature_sizes[s])))
+                steps = round(math.log2(size / feature_sizes[s]))
                 if steps < 0:
                     raise ValueError(f"feature {s} ({feature_sizes[s]}²) is larger than stage {s} ({size}²)")
                 self.skips.append(up_stack(feature_channels[s], width, steps))

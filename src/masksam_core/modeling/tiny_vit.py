@@ -25,7 +25,6 @@ absolute 2D offset ``(|dy|, |dx|)`` inside the window; the bias table is gathere
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,7 @@ __all__ = ["Adapter", "AdapterMap", "TinyViT", "build_lite_image_encoder"]
 #: A per-block adapter: channel-last tokens (N, H, W, C) -> same shape.
 Adapter = Callable[[Tensor], Tensor]
 #: ``{(layer_index, block_index): (attn_adapter, mlp_adapter)}`` for attention layers (index >= 1).
-AdapterMap = Mapping[tuple[int, int], tuple[Optional[Adapter], Optional[Adapter]]]
+AdapterMap = Mapping[tuple[int, int], tuple[Adapter | None, Adapter | None]]
 
 
 class ConvBN(nn.Module):
@@ -186,8 +185,8 @@ class TinyViTBlock(nn.Module):
         t = t.reshape(n, gh, gw, ws, ws, c).transpose(2, 3).reshape(n, gh * ws, gw * ws, c)
         return t[:, :h, :w]
 
-    def forward(self, x: Tensor, attn_adapter: Optional[Adapter] = None,
-                mlp_adapter: Optional[Adapter] = None) -> Tensor:
+    def forward(self, x: Tensor, attn_adapter: Adapter | None = None,
+                mlp_adapter: Adapter | None = None) -> Tensor:
         x = x + self._window_attention(x)
         if attn_adapter is not None:
             x = x + attn_adapter(x)
@@ -201,7 +200,10 @@ class TinyViTBlock(nn.Module):
 class ConvStage(nn.Module):
     """Stage 0: MBConv ``blocks`` on channel-first maps, then ``downsample``."""
 
-    def __init__(self, dim: int, depth: int, expand_ratio: float, downsample: Optional[PatchMerging]) -> None:
+    blocks: nn.ModuleList
+    downsample: PatchMerging | None
+
+    def __init__(self, dim: int, depth: int, expand_ratio: float, downsample: PatchMerging | None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(MBConv(dim, expand_ratio) for _ in range(depth))
         self.downsample = downsample
@@ -210,8 +212,11 @@ class ConvStage(nn.Module):
 class AttentionStage(nn.Module):
     """Stages 1..: TinyViT ``blocks`` on channel-last tokens, then an optional ``downsample``."""
 
+    blocks: nn.ModuleList
+    downsample: PatchMerging | None
+
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
-                 local_conv_size: int, downsample: Optional[PatchMerging]) -> None:
+                 local_conv_size: int, downsample: PatchMerging | None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             TinyViTBlock(dim, num_heads, window_size, mlp_ratio, local_conv_size) for _ in range(depth))
@@ -267,20 +272,26 @@ class TinyViT(nn.Module):
             nn.Conv2d(embed_dims[-1], out_chans, 1, bias=False), LayerNorm2d(out_chans),
             nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans))
 
+    def _stage(self, i: int) -> ConvStage | AttentionStage:
+        stage = self.layers[i]
+        assert isinstance(stage, (ConvStage, AttentionStage))
+        return stage
+
     def _check_adapters(self, adapters: AdapterMap) -> None:
         for key in adapters:
             layer, block = key
             if not 1 <= layer < len(self.layers):
                 raise KeyError(f"adapter key {key}: layer index must be in 1..{len(self.layers) - 1} "
                                "(layer 0 is the conv stage)")
-            if not 0 <= block < len(self.layers[layer].blocks):  # type: ignore[arg-type]
-                raise KeyError(f"adapter key {key}: layer {layer} has {len(self.layers[layer].blocks)} blocks")  # type: ignore[arg-type]
+            blocks = len(self._stage(layer).blocks)
+            if not 0 <= block < blocks:
+                raise KeyError(f"adapter key {key}: layer {layer} has {blocks} blocks")
 
     def forward_features(
         self,
         x: Tensor,
-        adapters: Optional[AdapterMap] = None,
-        stage_input_hook: Optional[Adapter] = None,
+        adapters: AdapterMap | None = None,
+        stage_input_hook: Adapter | None = None,
         *,
         checkpoint_blocks: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
@@ -316,21 +327,22 @@ class TinyViT(nn.Module):
 
         stages: list[Tensor] = []
         x = run(self.patch_embed, x)
-        conv_stage = self.layers[0]
-        for mb in conv_stage.blocks:  # type: ignore[union-attr]
+        conv_stage = self._stage(0)
+        for mb in conv_stage.blocks:
             x = run(mb, x)
         stages.append(x)
-        x = run(conv_stage.downsample, x).permute(0, 2, 3, 1)  # type: ignore[arg-type]
+        assert conv_stage.downsample is not None  # stage 0 always downsamples
+        x = run(conv_stage.downsample, x).permute(0, 2, 3, 1)
         if stage_input_hook is not None:
             x = stage_input_hook(x)
         for i in range(1, len(self.layers)):
-            layer = self.layers[i]
-            for j, blk in enumerate(layer.blocks):  # type: ignore[union-attr]
+            layer = self._stage(i)
+            for j, blk in enumerate(layer.blocks):
                 pair = adapters.get((i, j)) if adapters else None
                 x = run(blk, x) if pair is None else run(blk, x, pair[0], pair[1])
             stages.append(x.permute(0, 3, 1, 2))
             if layer.downsample is not None:
-                x = run(layer.downsample, x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # type: ignore[arg-type]
+                x = run(layer.downsample, x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return run(self.neck, x.permute(0, 3, 1, 2)), stages
 
     def forward(self, x: Tensor) -> Tensor:

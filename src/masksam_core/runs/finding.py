@@ -27,7 +27,7 @@ atexit.register(_extracted.close)
 def asset_path(name: str) -> Path:
     """A real file system path of the packaged file ``masksam_core/assets/name`` (extracted once from
     a zipped install). The file may not exist: callers check."""
-    resource = resources.files("masksam_core").joinpath("assets", name)
+    resource = resources.files("masksam_core").joinpath("assets").joinpath(name)
     if isinstance(resource, Path):
         return resource
     if not resource.is_file():
@@ -47,7 +47,7 @@ def model_card_path(name: str) -> Path:
     return asset_path(Path(BUNDLED[name]).with_suffix(".md").name)
 
 
-def find_model(name_or_path: str | Path) -> Path:
+def find_model(name_or_path: str | os.PathLike[str]) -> Path:
     """A bundled model's file for its name; any other value is returned as a path."""
     text = str(name_or_path)
     if text in BUNDLED and not Path(text).exists():
@@ -64,7 +64,7 @@ def _folder_checkpoint(folder: Path) -> Path | None:
     return next((folder / name for name in CHECKPOINT_NAMES if (folder / name).is_file()), None)
 
 
-def resolve_run(path: str | Path) -> Path:
+def resolve_run(path: str | os.PathLike[str]) -> Path:
     """The file of a run folder (its checkpoint_best.pt, else checkpoint_last.pt), a checkpoint or model
     file, or the name of a bundled model (``abdomen-ct-lite``); raises for a folder without checkpoints."""
     path = find_model(path)

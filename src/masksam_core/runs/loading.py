@@ -7,6 +7,7 @@ checked against the sha256 the run recorded, or the random ones the file itself 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,8 @@ from .runfile import FORMAT, MODEL_KIND, RUN_KIND, RunFile
 
 if TYPE_CHECKING:
     import torch
+
+    from ..modeling.masksam import MaskSAM
 
 
 def load_checkpoint(path: str | Path) -> RunFile:
@@ -27,7 +30,7 @@ def load_checkpoint(path: str | Path) -> RunFile:
         raise MaskSAMError(f"checkpoint not found: {path}")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
+    except Exception as error:  # any unpickling failure means a bad file
         raise MaskSAMError(
             f"cannot read checkpoint {path} ({type(error).__name__}: {error}); the file is corrupt or "
             "not a MaskSAM checkpoint: use checkpoint_best.pt / checkpoint_last.pt of a run folder"
@@ -86,8 +89,8 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], *, so
     load_state(model, state, strict=False, source=source)
 
 
-def load_run(path: str | Path, *, base_checkpoint: str | Path | None = None,
-             device: torch.device | str = "cpu") -> tuple[torch.nn.Module, RunFile]:
+def load_run(path: str | os.PathLike[str], *, base_checkpoint: str | os.PathLike[str] | None = None,
+             device: torch.device | str = "cpu") -> tuple[MaskSAM, RunFile]:
     """Rebuild a trained MaskSAM from a run folder, checkpoint or model file, or a bundled model's name,
     in eval mode.
 
@@ -113,7 +116,7 @@ def load_run(path: str | Path, *, base_checkpoint: str | Path | None = None,
                 f"{file} was trained on base weights {base.get('name')} with sha256 {expected[:12]}..., but "
                 f"{src.get('path')} has sha256 {found[:12]}...: pass the original file with --base-checkpoint"
             )
-    else:
+    if run.sam is not None:  # random base weights (tiny) travel with the run
         load_state(model.sam, run.sam, strict=True, source=file)
     load_trainable(model, run.model, source=file)
     return model.to(device).eval(), run

@@ -26,10 +26,10 @@ from ..files import atomic_write_text
 from ..runs import FORMAT, RUN_KIND, BuildSpec, RunFile, base_weights_info
 
 
-
 def rng_state() -> dict[str, Any]:
     """Every random generator the training loop uses, as tensors and plain values."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True: the MT19937 state tuple
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
@@ -80,7 +80,7 @@ def run_state(trainer: Any, data: Any, *, epoch: int, iteration: int, best: floa
         ),
         base_weights=base_weights_info(sam),
         # random base weights (the tiny backbone) cannot be fetched again: keep them
-        sam=None if sam.weights else {k: v for k, v in sam.state_dict().items()},
+        sam=None if sam.weights else dict(sam.state_dict()),
         plans=data.plans.to_dict(),
         class_names=data.class_names,
         optimizer=trainer.optimizer.state_dict(),

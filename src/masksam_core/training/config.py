@@ -13,13 +13,21 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import MaskSAMError
 from . import settings
 from .settings import AT_LEAST_0, AT_LEAST_1, POSITIVE, Limits, in_range, one_of, setting
 
-__all__ = ["NEW_RUN_DEFAULTS", "TrainConfig", "add_arguments", "check_ranges", "resolve_config", "widget_options"]
+__all__ = [
+    "NEW_RUN_DEFAULTS",
+    "ResolvedConfig",
+    "TrainConfig",
+    "add_arguments",
+    "check_ranges",
+    "resolve_config",
+    "widget_options",
+]
 
 
 def _presets() -> list[str]:
@@ -127,6 +135,27 @@ class TrainConfig:
         return config
 
 
+if TYPE_CHECKING:
+
+    class ResolvedConfig(TrainConfig):
+        """A :class:`TrainConfig` after :func:`resolve_config`: the kept settings with a new-run default
+        are filled (the model overrides ``patch_size``, ``sam_image_size``, ``num_queries`` may stay None)."""
+
+        preset: str
+        iters_per_epoch: int
+        batch_size: int
+        lr: float
+        weight_decay: float
+        prompt_mode: str
+        val_cases: tuple[str, ...]
+        val_fraction: float
+        val_every: int
+        seed: int
+        augmentation: str
+else:
+    ResolvedConfig = TrainConfig
+
+
 # Settings a resumed run takes from its checkpoint when left None (a different value is an error).
 NEW_RUN_DEFAULTS: MappingProxyType[str, Any] = MappingProxyType(
     {f.name: s.new_run for f, s in settings.settings(TrainConfig) if s.kept})
@@ -146,7 +175,7 @@ def _norm(value: Any) -> Any:
     return [_norm(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def resolve_config(config: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfig:
+def resolve_config(config: TrainConfig, saved: dict[str, Any] | None = None) -> ResolvedConfig:
     """``config`` with every ``None`` of :data:`NEW_RUN_DEFAULTS` filled: from ``saved`` (the checkpoint's
     config) when resuming, else with the defaults. A value given that differs from the run's raises
     :class:`MaskSAMError`: a resumed run trains on exactly as it began."""
@@ -161,7 +190,7 @@ def resolve_config(config: TrainConfig, saved: dict[str, Any] | None = None) -> 
                                f"with the same value (or leave {s.flag} out), or start a new run with another --out")
         value = was if given is None else given
         values[f.name] = tuple(value) if isinstance(value, list) else value
-    return dataclasses.replace(config, **values)
+    return cast(ResolvedConfig, dataclasses.replace(config, **values))
 
 
 def check_ranges(config: TrainConfig, epochs: int) -> None:

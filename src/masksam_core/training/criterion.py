@@ -132,6 +132,8 @@ class SetCriterion(nn.Module):
         oversample_ratio, importance_ratio: PointRend importance sampling (see ``uncertain_points``).
     """
 
+    class_weight: torch.Tensor  # a buffer
+
     def __init__(
         self,
         num_classes: int,
@@ -219,9 +221,9 @@ class SetCriterion(nn.Module):
             num_masks = max(float(num_masks), 1.0)
         slice_idx = torch.cat([torch.full_like(p, s) for s, (p, _) in enumerate(indices)]).to(device)
         query_idx = torch.cat([p for p, _ in indices]).to(device)
-        tgt_cls = torch.cat([t["labels"][j.to(device)] for t, (_, j) in zip(targets, indices)])
-        tgt_masks = torch.cat([t["masks"][j.to(device)] for t, (_, j) in zip(targets, indices)])
-        tgt_boxes = torch.cat([t["boxes"][j.to(device)] for t, (_, j) in zip(targets, indices)])
+        tgt_cls = torch.cat([t["labels"][j.to(device)] for t, (_, j) in zip(targets, indices, strict=True)])
+        tgt_masks = torch.cat([t["masks"][j.to(device)] for t, (_, j) in zip(targets, indices, strict=True)])
+        tgt_boxes = torch.cat([t["boxes"][j.to(device)] for t, (_, j) in zip(targets, indices, strict=True)])
 
         with torch.autocast(device_type=device.type, enabled=False):
             flat = slice_outputs(outputs, len(targets))

@@ -20,8 +20,8 @@ import torch
 
 from ..data.augment import TrainTransforms, augmentation_settings, build_train_transforms, is_anisotropic
 from ..data.dataset import load_checked_dataset
-from ..data.loader import CaseFiles, make_train_loader
 from ..data.fingerprint import fingerprint_dataset
+from ..data.loader import CaseFiles, make_train_loader
 from ..data.plans import Plans, load_plans, make_plans, save_plans
 from ..data.preprocess import PreprocessedCase, class_locations, preprocess_dataset
 from ..errors import MaskSAMError
@@ -30,7 +30,7 @@ from . import distributed as dist
 
 if TYPE_CHECKING:
     from ..data.dataset import DatasetSpec
-    from .config import TrainConfig
+    from .config import ResolvedConfig
 
 
 @dataclass
@@ -48,7 +48,7 @@ class DataBundle:
 
 def slab_start(depth: int, fraction: float) -> int:
     """First slice of the held-out slab of a single case of ``depth`` slices: the last ``fraction``."""
-    return int(round(depth * (1 - fraction)))
+    return round(depth * (1 - fraction))
 
 
 def _slab_split(case: PreprocessedCase, fraction: float, folder: Path, num_classes: int) -> tuple[CaseFiles, tuple]:
@@ -93,7 +93,7 @@ def patch_fit_note(patch_size: tuple[int, int, int], median_shape: Sequence[floa
         side //= 2
     if side == h:
         return ""
-    shape = "x".join(str(int(round(float(v)))) for v in median_shape[1:])
+    shape = "x".join(str(round(float(v))) for v in median_shape[1:])
     return (f"note: the patches are {h}x{h} in-plane but this data set's median slice is {shape} voxels after "
             f"resampling, so most of each patch is padding. --patch-size {t} {side} {side} fits the data and "
             f"runs {(h // side) ** 2}x fewer pixels through SAM per slice (SAM's input shrinks with it)")
@@ -132,7 +132,7 @@ def check_same_dataset(spec: DatasetSpec, plans: Plans, out: Path, cache: Path) 
     return f"the data set is now {now} (the run began on {was}, with the same cases)" if was != now else ""
 
 
-def _plans(config: TrainConfig, spec: DatasetSpec, out: Path, plans: Plans | None,
+def _plans(config: ResolvedConfig, spec: DatasetSpec, out: Path, plans: Plans | None,
            patch_size: tuple[int, int, int]) -> Plans:
     """The run's plans: given (resuming: the checkpoint's), else made and saved by rank 0, then read."""
     plans_path = out / "plans.json"
@@ -153,7 +153,7 @@ def _plans(config: TrainConfig, spec: DatasetSpec, out: Path, plans: Plans | Non
     return load_plans(plans_path)  # every rank (and a later resume) uses the plans exactly as saved
 
 
-def prepare_data(config: TrainConfig, out: Path, *, patch_size: tuple[int, int, int],
+def prepare_data(config: ResolvedConfig, out: Path, *, patch_size: tuple[int, int, int],
                  plans: Plans | None = None) -> DataBundle:
     """Check, plan (or use ``plans``), preprocess and split; returns what the trainer needs.
 
@@ -174,7 +174,7 @@ def prepare_data(config: TrainConfig, out: Path, *, patch_size: tuple[int, int, 
         val_ids = set(config.val_cases)
     elif config.val_fraction > 0 and len(cases) >= 2:
         rng = np.random.default_rng(config.seed)
-        n_val = max(1, int(round(config.val_fraction * len(cases))))
+        n_val = max(1, round(config.val_fraction * len(cases)))
         val_ids = {cases[i].id for i in rng.choice(len(cases), n_val, replace=False)}
     else:
         val_ids = set()

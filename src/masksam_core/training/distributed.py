@@ -110,7 +110,7 @@ def mean_dict(values: Mapping[str, float]) -> dict[str, float]:
         return dict(values)
     keys = sorted(values)
     t = mean(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
-    return dict(zip(keys, (float(v) for v in t.tolist())))
+    return dict(zip(keys, (float(v) for v in t.tolist()), strict=True))
 
 
 def gather_objects(obj: Any) -> list[Any]:

@@ -202,7 +202,7 @@ class HungarianMatcher(nn.Module):
                 costs.append(cost)
             sizes = [c.numel() for c in costs]
             packed = torch.cat([c.flatten() for c in costs]).cpu() if costs else torch.zeros(0)  # one transfer
-        return [p.view(c.shape) for p, c in zip(packed.split(sizes), costs)]
+        return [p.view(c.shape) for p, c in zip(packed.split(sizes), costs, strict=True)]
 
     @torch.no_grad()
     def forward(

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..files import atomic_path
 from ..progress import drive, relay
+
+if TYPE_CHECKING:
+    from ..modeling.masksam import MaskSAM
 
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
@@ -30,7 +33,7 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_names: Sequence[str],
+def validate(model: MaskSAM, volumes: Sequence[tuple[Any, Any]], class_names: Sequence[str],
              device: torch.device, amp: torch.dtype | None) -> dict[str, Any]:
     """Segment each (image (C, Z, Y, X), labels (Z, Y, X)) pair with ``model`` (half-overlapping
     windows, accumulated on the CPU; a ``gt``-mode model gets its prompts from the labels) and score it.
@@ -39,10 +42,12 @@ def validate(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_n
     None where none does) and ``val_mean_dice`` (their mean; 0.0 when no class was present). Leaves
     ``model`` in eval mode. :func:`validate_iter` is the same with progress and a way to stop.
     """
-    return drive(validate_iter(model, volumes, class_names, device, amp))
+    scores = drive(validate_iter(model, volumes, class_names, device, amp))
+    assert scores is not None  # without should_stop the validation is never cut short
+    return scores
 
 
-def validate_on_main(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_names: Sequence[str],
+def validate_on_main(model: MaskSAM, volumes: Sequence[tuple[Any, Any]], class_names: Sequence[str],
                      device: torch.device, amp: torch.dtype | None,
                      should_stop: Callable[[], bool]) -> Generator[tuple[int, int], None, dict | None]:
     """:func:`validate_iter` on rank 0 while the other ranks wait at a barrier (they return {})."""
@@ -55,13 +60,13 @@ def validate_on_main(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]],
     return result
 
 
-def validate_iter(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], class_names: Sequence[str],
+def validate_iter(model: MaskSAM, volumes: Sequence[tuple[Any, Any]], class_names: Sequence[str],
                   device: torch.device, amp: torch.dtype | None,
                   should_stop: Callable[[], bool] | None = None) -> Generator[tuple[int, int], None, dict | None]:
     """:func:`validate` yielding (windows done, windows in all) after each window; returns None,
     without scoring, as soon as ``should_stop()`` is true (asked before each window and after the last)."""
     from ..inference.predictor import count_windows
-    from ..inference.sliding_window import sliding_window
+    from ..inference.sliding_window import Progress, sliding_window
     from ..modeling import gt_prompts, semantic_scores
 
     model.eval()
@@ -78,12 +83,15 @@ def validate_iter(model: torch.nn.Module, volumes: Sequence[tuple[Any, Any]], cl
     counts = [count_windows(np.shape(image)[1:], model.patch_size, 0.5) for image, _ in volumes]
     total = sum(counts)
     dices, done = [], 0
-    for (image, labels), count in zip(volumes, counts):
+    for (image, labels), count in zip(volumes, counts, strict=True):
         volume = torch.from_numpy(np.array(image, dtype=np.float32))
         if gt_mode:
             volume = torch.cat([volume, torch.from_numpy(np.array(labels, dtype=np.float32))[None]])
         windows = sliding_window(volume, predictor, model.patch_size, device=device, accumulate_on="cpu", batch_size=1)
-        scores = yield from relay(windows, lambda progress: (done + progress.done, total), should_stop)
+        def counted(progress: Progress, before: int = done) -> tuple[int, int]:
+            return before + progress.done, total
+
+        scores = yield from relay(windows, counted, should_stop)
         if scores is None:  # stopped
             return None
         done += count

@@ -16,8 +16,23 @@ from typing import Any
 
 from ..errors import MaskSAMError
 
-__all__ = ["Limits", "Rule", "Setting", "AT_LEAST_0", "AT_LEAST_1", "POSITIVE", "add_arguments", "check",
-           "default_of", "from_args", "in_range", "one_of", "setting", "settings", "widget_options"]
+__all__ = [
+    "AT_LEAST_0",
+    "AT_LEAST_1",
+    "POSITIVE",
+    "Limits",
+    "Rule",
+    "Setting",
+    "add_arguments",
+    "check",
+    "default_of",
+    "from_args",
+    "in_range",
+    "one_of",
+    "setting",
+    "settings",
+    "widget_options",
+]
 
 Text = str | Callable[[], str]  # a callable for text built from modules that are slow to import (torch)
 Choices = Sequence[str] | Callable[[], Sequence[str]]
@@ -85,7 +100,7 @@ class Setting:
         return not self.flag.startswith("-")
 
 
-def setting(flag: str, help: Text, *, default: Any = dataclasses.MISSING, type: type | None = None,  # noqa: A002
+def setting(flag: str, help: Text, *, default: Any = dataclasses.MISSING, type: type | None = None,
             nargs: int | str | None = None, metavar: str | tuple[str, ...] | None = None,
             choices: Choices | None = None, shown_default: str | None = None, kept: bool = False,
             new_run: Any = None, rule: Rule | None = None, widget: Limits | None = None) -> Any:

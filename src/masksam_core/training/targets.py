@@ -72,7 +72,7 @@ def slice_outputs(outputs: dict[str, torch.Tensor], slices: int | None = None) -
     """
     if "pred_logits" not in outputs or "pred_masks" not in outputs:
         raise TargetError("model outputs need 'pred_logits' and 'pred_masks' (the dict MaskSAM.forward returns)")
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for key in ("pred_logits", "aux_boxes"):
         if key in outputs:
             v = outputs[key]

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Generator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from ..progress import relay
 from ..runs import RunFile, load_checkpoint, load_state, load_trainable
 from . import checkpoint as ckpt_io
 from . import distributed as dist
-from .config import TrainConfig, check_ranges, resolve_config
+from .config import ResolvedConfig, TrainConfig, check_ranges, resolve_config
 from .data_setup import DataBundle, patch_fit_note, prepare_data
 from .events import TrainEvent
 from .metrics import validate_on_main, write_curves
@@ -47,6 +47,7 @@ def poly_lr(base_lr: float, epoch: int, max_epochs: int, exponent: float = 0.9) 
 class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        self._resolved: ResolvedConfig | None = None
         self.out = Path(config.out)
         self._stop = False
         self._stop_reason = ""
@@ -56,9 +57,16 @@ class Trainer:
         """Finish the current iteration, save a checkpoint and end."""
         self._stop, self._stop_reason = True, reason
 
+    @property
+    def resolved(self) -> ResolvedConfig:
+        """The settings with the run's (or the new-run) values filled in; set when the run starts."""
+        if self._resolved is None:
+            raise RuntimeError("the settings are resolved when run() starts")
+        return self._resolved
+
     # ------------------------------------------------------------------ set-up
     def _settings(self) -> dict[str, Any]:
-        c = self.config
+        c = self.resolved
         overrides = dict(c.overrides)
         if c.patch_size is not None:
             overrides["patch_size"] = tuple(c.patch_size)
@@ -71,7 +79,7 @@ class Trainer:
         return overrides
 
     def _build(self, data: DataBundle, device: torch.device, saved: RunFile | None) -> None:
-        c = self.config
+        c = self.resolved
         self.preset = get_preset(c.preset)
         self.overrides = self._settings()
         queries = int(self.overrides.get("num_queries", self.preset.num_queries))
@@ -111,7 +119,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.net = dist.wrap(self.model, device)
         if c.compile:  # the training forward through torch.compile (compiled on the first step)
-            self.net = torch.compile(self.net)
+            # torch.compile of a module returns a module (OptimizedModule); its stub says any callable
+            self.net = cast(torch.nn.Module, torch.compile(self.net))
 
     def _start(self, last_path: Path) -> RunFile | None:
         """Check RUN_DIR against --resume; resolve the settings; returns the checkpoint when resuming."""
@@ -133,7 +142,7 @@ class Trainer:
                           patch_size=build.overrides.get("patch_size", preset.patch_size),
                           num_queries=build.overrides.get("num_queries", preset.num_queries),
                           sam_image_size=build.overrides.get("sam_image_size", preset.sam_image_size))
-            self.config = resolve_config(c, config)
+            self.config = self._resolved = resolve_config(c, config)
             done, total = int(saved.epoch or 0), int((saved.scheduler or {})["max_epochs"])
             if c.epochs is not None and c.epochs < done:
                 raise MaskSAMError(f"{self.out} has already trained {done} epochs: pass --epochs {done + 1} or "
@@ -141,8 +150,8 @@ class Trainer:
             self.epochs = total if c.epochs is None else c.epochs
             self.history = list(saved.history or ckpt_io.read_metrics(self.out / "metrics.jsonl", done))
         else:
-            self.config = resolve_config(c)
-            self.epochs = get_preset(self.config.preset).epochs if c.epochs is None else c.epochs
+            self.config = self._resolved = resolve_config(c)
+            self.epochs = get_preset(self._resolved.preset).epochs if c.epochs is None else c.epochs
         check_ranges(self.config, self.epochs)
         return saved
 
@@ -161,28 +170,12 @@ class Trainer:
         rank, world, device = dist.init(self.config.device)
         last_path = self.out / "checkpoint_last.pt"
         saved = self._start(last_path)
-        c = self.config
+        c = self.resolved
         torch.manual_seed(c.seed + rank)
         np.random.seed(c.seed + rank)
-
-        yield TrainEvent("setup", message=f"checking and preparing {c.dataset}")
-        plans = Plans.from_dict(saved.plans) if saved is not None else None
-        data = prepare_data(c, self.out, patch_size=self._patch_size(), plans=plans)
-        (stop_now,) = dist.any_flags(self._stop)  # asked to stop while the data were prepared
-        if stop_now:  # before the model is built (and its weights perhaps downloaded)
-            dist.cleanup()
-            kept = "the run's checkpoint is unchanged; continue with --resume" if saved is not None else \
-                "nothing was trained or saved; the preprocessed data are kept for the next start"
-            yield TrainEvent("stopped", int(saved.epoch or 0) if saved else 0, self.epochs,
-                             message=f"{self._reason()} before training began: {kept}")
+        data = yield from self._prepare(saved, device)
+        if data is None:  # stopped before the model was built
             return last_path
-        self._build(data, device, saved)
-        if data.note:
-            yield TrainEvent("setup", message=data.note)
-        stats = data.plans.stats
-        fit = patch_fit_note(self._patch_size(), stats.median_shape) if stats is not None else ""
-        if fit and saved is None and c.patch_size is None and "patch_size" not in c.overrides:
-            yield TrainEvent("setup", message=fit)
         start_epoch, start_iter, best, partial = 0, 0, -math.inf, None
         if saved is not None:
             start_epoch, start_iter, best, partial = self._resume(saved, rank, world)
@@ -201,47 +194,50 @@ class Trainer:
             yield TrainEvent("done", start_epoch, self.epochs, message=f"{self.out} has already trained "
                              f"{start_epoch} epochs: pass a larger --epochs with --resume to train longer")
             return self.out / "checkpoint_best.pt"
+        return (yield from self._epochs(data, device, start_epoch, start_iter, best, partial))
 
+    def _prepare(self, saved: RunFile | None, device: torch.device) -> Generator[TrainEvent, None, DataBundle | None]:
+        """Check, plan and preprocess the data, then build the model; None when a stop came before the build."""
+        c = self.resolved
+        yield TrainEvent("setup", message=f"checking and preparing {c.dataset}")
+        plans = Plans.from_dict(saved.plans) if saved is not None else None
+        data = prepare_data(c, self.out, patch_size=self._patch_size(), plans=plans)
+        (stop_now,) = dist.any_flags(self._stop)  # asked to stop while the data were prepared
+        if stop_now:  # before the model is built (and its weights perhaps downloaded)
+            dist.cleanup()
+            kept = "the run's checkpoint is unchanged; continue with --resume" if saved is not None else \
+                "nothing was trained or saved; the preprocessed data are kept for the next start"
+            yield TrainEvent("stopped", int(saved.epoch or 0) if saved else 0, self.epochs,
+                             message=f"{self._reason()} before training began: {kept}")
+            return None
+        self._build(data, device, saved)
+        if data.note:
+            yield TrainEvent("setup", message=data.note)
+        stats = data.plans.stats
+        fit = patch_fit_note(self._patch_size(), stats.median_shape) if stats is not None else ""
+        if fit and saved is None and c.patch_size is None and "patch_size" not in c.overrides:
+            yield TrainEvent("setup", message=fit)
+        return data
+
+    def _epochs(self, data: DataBundle, device: torch.device, start_epoch: int, start_iter: int, best: float,
+                partial: dict[str, Any] | None) -> Generator[TrainEvent, None, Path]:
+        """Train from ``start_epoch`` (iteration ``start_iter``, ``partial`` its sums so far) to the last epoch."""
+        c, last_path = self.resolved, self.out / "checkpoint_last.pt"
         t0 = time.monotonic()
+        unscored = False
         for epoch in range(start_epoch, self.epochs):
             lr = poly_lr(c.lr, epoch, self.epochs)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            unscored = False
             first = start_iter if epoch == start_epoch else 0
             part = partial if epoch == start_epoch and partial else {}
-            sums: dict[str, float] = dict(part.get("sums", {}))
-            n_iter = int(part.get("iterations", 0))
-            epoch_start = time.monotonic() - float(part.get("seconds", 0.0))
-            yield TrainEvent("epoch_start", epoch, self.epochs, first, c.iters_per_epoch, lr=lr)
-            self.net.train()
-            stop = False
-            for it, batch in enumerate(data.loader(epoch=epoch, start_iteration=first), start=first):
-                losses, total = self._forward(batch, device)
-                if any(dist.any_flags(not bool(torch.isfinite(total)))):
-                    raise MaskSAMError(
-                        "the training loss became NaN or infinite; lower --lr, check the data with "
-                        "`masksam-core check`, or use --amp off"
-                    )
-                self._backward(total)
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_iter += 1
-                yield TrainEvent("iteration", epoch, self.epochs, it + 1, c.iters_per_epoch, losses["loss"], lr)
-                (stop,) = dist.any_flags(self._stop or self._time_up(t0))  # every rank stops at the same step
-                if stop and it + 1 < c.iters_per_epoch:
-                    # the ranks' mean: each resumes from it, and the epoch's mean over ranks stays exact
-                    partial = {"sums": dist.mean_dict(sums), "iterations": n_iter,
-                               "seconds": time.monotonic() - epoch_start}
-                    self._save(data, epoch, it + 1, best, partial=partial)
-                    yield TrainEvent("stopped", epoch, self.epochs, it + 1, c.iters_per_epoch,
-                                     message=f"{self._reason()}: saved {last_path} at epoch {epoch + 1}, "
-                                     f"iteration {it + 1}; continue with --resume")
-                    dist.cleanup()
-                    return last_path
-            sums = dist.mean_dict(sums)
+            trained = yield from self._train_epoch(data, device, epoch, first, part, lr, best, t0)
+            if trained is None:  # stopped mid-epoch, saved
+                return last_path
+            n_iter, sums, epoch_start, stop = trained
             metrics: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "iterations": n_iter}
             metrics.update({k: v / max(n_iter, 1) for k, v in sums.items()})
+            unscored = False
             if data.val_volumes and ((epoch + 1) % c.val_every == 0 or epoch + 1 == self.epochs):
                 scores = yield from self._validate(data, device, epoch + 1, t0)
                 unscored = scores is None
@@ -272,6 +268,44 @@ class Trainer:
         yield TrainEvent("done", self.epochs, self.epochs, message=f"finished {self.epochs} epochs in {self.out}")
         return self.out / "checkpoint_best.pt"
 
+    def _train_epoch(self, data: DataBundle, device: torch.device, epoch: int, first: int, part: dict[str, Any],
+                     lr: float, best: float, t0: float
+                     ) -> Generator[TrainEvent, None, tuple[int, dict[str, float], float, bool] | None]:
+        """The iterations of ``epoch`` from ``first`` (``part``: the sums of those before it); returns
+        (iterations, the ranks' mean loss sums, the epoch's start time, stop asked on its last iteration),
+        or None when a stop ended the run mid-epoch (saved)."""
+        c, last_path = self.resolved, self.out / "checkpoint_last.pt"
+        sums: dict[str, float] = dict(part.get("sums", {}))
+        n_iter = int(part.get("iterations", 0))
+        epoch_start = time.monotonic() - float(part.get("seconds", 0.0))
+        yield TrainEvent("epoch_start", epoch, self.epochs, first, c.iters_per_epoch, lr=lr)
+        self.net.train()
+        stop = False
+        for it, batch in enumerate(data.loader(epoch=epoch, start_iteration=first), start=first):
+            losses, total = self._forward(batch, device)
+            if any(dist.any_flags(not bool(torch.isfinite(total)))):
+                raise MaskSAMError(
+                    "the training loss became NaN or infinite; lower --lr, check the data with "
+                    "`masksam-core check`, or use --amp off"
+                )
+            self._backward(total)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_iter += 1
+            yield TrainEvent("iteration", epoch, self.epochs, it + 1, c.iters_per_epoch, losses["loss"], lr)
+            (stop,) = dist.any_flags(self._stop or self._time_up(t0))  # every rank stops at the same step
+            if stop and it + 1 < c.iters_per_epoch:
+                # the ranks' mean: each resumes from it, and the epoch's mean over ranks stays exact
+                partial = {"sums": dist.mean_dict(sums), "iterations": n_iter,
+                           "seconds": time.monotonic() - epoch_start}
+                self._save(data, epoch, it + 1, best, partial=partial)
+                yield TrainEvent("stopped", epoch, self.epochs, it + 1, c.iters_per_epoch,
+                                 message=f"{self._reason()}: saved {last_path} at epoch {epoch + 1}, "
+                                 f"iteration {it + 1}; continue with --resume")
+                dist.cleanup()
+                return None
+        return n_iter, dist.mean_dict(sums), epoch_start, stop
+
     def _time_up(self, t0: float) -> bool:
         limit = self.config.time_limit
         return limit is not None and time.monotonic() - t0 > limit * 60
@@ -284,7 +318,8 @@ class Trainer:
         return "stopped on another rank"
 
     def _patch_size(self) -> tuple[int, int, int]:
-        return tuple(self._settings().get("patch_size", get_preset(self.config.preset).patch_size))  # type: ignore[return-value]
+        t, h, w = self._settings().get("patch_size", get_preset(self.resolved.preset).patch_size)
+        return t, h, w
 
     def _forward(self, batch: dict[str, torch.Tensor],
                  device: torch.device) -> tuple[dict[str, float], torch.Tensor]:
@@ -343,15 +378,17 @@ class Trainer:
 
     def _resume(self, state: RunFile, rank: int, world: int) -> tuple[int, int, float, dict | None]:
         """Load weights, optimiser, scaler and RNG states; returns (epoch, iteration, best, partial)."""
+        if state.optimizer is None or state.scaler is None or state.rng is None or state.best is None:
+            raise MaskSAMError(f"{self.out / 'checkpoint_last.pt'} holds no training state to resume from")
         load_trainable(self.model, state.model, source=self.out / "checkpoint_last.pt")
         self.optimizer.load_state_dict(state.optimizer)
         self.scaler.load_state_dict(state.scaler)
         rngs = state.rng_ranks or [state.rng]
         ckpt_io.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
         epoch, iteration = int(state.epoch or 0), int(state.iteration or 0)
-        if iteration >= int(self.config.iters_per_epoch):
+        if iteration >= int(self.resolved.iters_per_epoch):
             raise MaskSAMError(f"the checkpoint stopped at iteration {iteration} of its epoch but an epoch has "
-                               f"{self.config.iters_per_epoch}: resume with its --iters-per-epoch")
+                               f"{self.resolved.iters_per_epoch}: resume with its --iters-per-epoch")
         if dist.is_main():
             ckpt_io.write_metrics(self.out / "metrics.jsonl", self.history)  # drops lines of epochs redone
         return epoch, iteration, float(state.best), state.partial
