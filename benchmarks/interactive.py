@@ -196,7 +196,7 @@ def write(args: argparse.Namespace, results: dict, variants: list) -> None:
                     f" | {v['median_click_seconds'] or float('nan'):.2f} | {v['median_propagation_seconds']:.1f} |")
     rows += ["", "| case | label | 3D box | " + " | ".join(f"{k} clicks" for k in range(args.clicks + 1)) + " |",
              "|---" * (args.clicks + 4) + "|"]
-    for o, b in zip(out["objects"], out["box3d"]):
+    for o, b in zip(out["objects"], out["box3d"], strict=True):
         rows.append(f"| {o['case']} | {o['label']} | {b['dice']:.3f} | " + " | ".join(f"{d:.3f}" for d in o["dice"])
                     + " |")
     (args.out / f"{name}.md").write_text("\n".join(rows) + "\n")

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from ..errors import MaskSAMError
+from ..progress import drive
 from . import clicks as geo
 from .clicks import CLICK_RULES, Box, Click
 from .slice_cache import SliceEncoder
 from .sliding_window import Progress
-from ..progress import drive
 
 __all__ = ["Annotation", "InteractiveSession", "KeySlice", "PropagationSettings"]
 

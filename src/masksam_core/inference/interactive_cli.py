@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,8 @@ __all__ = ["PointAction", "add_arguments", "check_points", "segment_propagated"]
 class PointAction(argparse.Action):
     """``--point Z Y X SIGN``, remembered with the number of ``--box`` given before it."""
 
-    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
         points = list(getattr(namespace, self.dest) or [])
         points.append((len(getattr(namespace, "box", None) or []), list(values)))
         setattr(namespace, self.dest, points)
@@ -59,7 +61,7 @@ def check_points(points: Sequence[tuple[int, list[str]]], boxes: int, shape: Seq
             z, y, x = (int(v) for v in coords)
         except ValueError:
             raise MaskSAMError(f"--point {text}: Z Y X must be whole voxel indices") from None
-        if not all(0 <= v < n for v, n in zip((z, y, x), shape)):
+        if not all(0 <= v < n for v, n in zip((z, y, x), tuple(shape)[-3:], strict=True)):
             raise MaskSAMError(f"--point {text} lies outside the image of shape (Z, Y, X) = {tuple(shape)}")
         out.append((min(before, boxes) - 1, Click(z, y, x, sign == "+")))
     return out
@@ -69,10 +71,10 @@ def segment_propagated(volume: np.ndarray, boxes: list[tuple[int, ...]], points:
                        names: Sequence[str], *, sam, device: str, amp: str, window: str,
                        progress: Callable[[Progress], object] | None = None) -> tuple[np.ndarray, dict[int, str]]:
     """Labels (Z, Y, X) uint16 and class names for propagated, clicked, named objects."""
+    from ..progress import drive
     from .interactive import InteractiveSession
     from .objects import LabelMap
     from .slice_cache import SliceEncoder
-    from ..progress import drive
 
     if len(names) > len(boxes):
         raise MaskSAMError(f"{len(names)} --name for {len(boxes)} --box: give at most one name per box")
@@ -80,9 +82,9 @@ def segment_propagated(volume: np.ndarray, boxes: list[tuple[int, ...]], points:
         raise MaskSAMError(f"--name: each object needs its own name, got {list(names)}")
     session = InteractiveSession(SliceEncoder(volume, sam, device=device, amp=amp, window=window))
     labels = LabelMap(volume.shape)
-    for i, (z0, z1, *box) in enumerate(boxes):
+    for i, (z0, z1, y0, x0, y1, x1) in enumerate(boxes):
         key = (z0 + z1 - 1) // 2
-        ann = drive(session.start_iter({key: tuple(box)}, None if z1 == z0 + 1 else (z0, z1)), progress)
+        ann = drive(session.start_iter({key: (y0, x0, y1, x1)}, None if z1 == z0 + 1 else (z0, z1)), progress)
         for _, click in (p for p in points if p[0] == i):
             ann = drive(session.click_iter(ann, click), progress)
         labels.add(ann.mask(), names[i] if i < len(names) else f"box_{i + 1}")

@@ -25,9 +25,9 @@ import torch
 from ..devices import autocast_dtype, select_device
 from ..errors import MaskSAMError
 from ..modeling.backbone import SamBackbone
+from ..progress import drive
 from .box_prompt import SliceFrame
 from .sliding_window import Progress
-from ..progress import drive
 from .windows import Window, intensity_range
 
 __all__ = ["Decoded", "EmbeddingCache", "SliceEncoder"]
@@ -106,7 +106,8 @@ class SliceEncoder:
         volume = np.asarray(volume)
         if volume.ndim != 3 or min(volume.shape) < 1:
             raise MaskSAMError(f"interactive prompts take one (Z, Y, X) volume, got shape {volume.shape}")
-        self.volume, self.shape = volume, tuple(int(v) for v in volume.shape)
+        self.volume = volume
+        self.shape: tuple[int, int, int] = (int(volume.shape[0]), int(volume.shape[1]), int(volume.shape[2]))
         self.device = select_device(device)
         self.amp = autocast_dtype(self.device, amp, cpu_bf16=True)
         self.sam = sam.to(self.device).eval()
@@ -137,8 +138,10 @@ class SliceEncoder:
         if cached is None:
             with self._autocast():
                 emb = self.sam.image_encoder(self.image(z)[None]).float()
-            self.cache.put(z, emb)
+            self.cache.put(z, emb)  # stored in the cache's dtype; used in that precision as later calls would
             cached = self.cache.get(z)
+            if cached is None:  # a budget below one slice keeps nothing
+                cached = emb.to(self.cache.dtype)
         return cached.to(self.device, torch.float32)
 
     def encode_iter(self, slices: Iterable[int] | None = None) -> Generator[Progress, None, int]:
