@@ -28,7 +28,7 @@ def test_suite_smoke(bench, tmp_path):
     results = bench.main(["--device", "cpu", "--parts", "encoder,predict,train", "--backbones", "tiny",
                           "--presets", "tiny", "--volume", "4", "32", "32", "--warmup", "1", "--repeats", "1",
                           "--matmul-size", "128", "--threads", "1", "--out", str(tmp_path)])
-    on_disk = json.loads((tmp_path / "suite_cpu.json").read_text())
+    on_disk = json.loads((tmp_path / "suite_cpu.json").read_text(encoding="utf-8"))
     assert on_disk["settings"]["volume"] == [4, 32, 32]
     assert {"machine", "matmul", "encoder", "predict", "train", "nnunet_plan", "flops_method"} <= set(on_disk)
     assert bench.failed(results) == []
@@ -56,7 +56,7 @@ def test_suite_smoke(bench, tmp_path):
     assert train["status"] == "ok" and train["batch_size"] == 2
     assert train["seconds_per_step"] > 0 and train["peak_memory_gib"] > 0 and train["trainable_params_m"] > 0
 
-    md = (tmp_path / "suite_cpu.md").read_text()
+    md = (tmp_path / "suite_cpu.md").read_text(encoding="utf-8")
     for header in ("| backbone | input |", "| model | patch | windows |", "| preset | patch |"):
         assert header in md
     assert "| tiny | 64² | 1 |" in md and "| nnunet_3d_fullres | 4×32×32 | 1 |" in md
@@ -141,7 +141,7 @@ def test_tta_limit_skips_and_records_the_estimate(bench, tmp_path):
     assert (plain["tta"], plain["status"], tta["tta"], tta["status"]) == (False, "ok", True, "skipped")
     assert tta["estimate_s"] == pytest.approx(8 * plain["windows_s"])
     assert bench.failed(results) == []
-    assert "skipped (~" in (tmp_path / "suite_cpu_limit.md").read_text()
+    assert "skipped (~" in (tmp_path / "suite_cpu_limit.md").read_text(encoding="utf-8")
 
 
 def test_compile_switch_compiles_encoder_and_predictor(bench, tmp_path, monkeypatch):
@@ -159,7 +159,7 @@ def test_compile_switch_compiles_encoder_and_predictor(bench, tmp_path, monkeypa
     assert encoder["compiled"] and predict["compiled"] and results["settings"]["compile"]
     assert encoder["first_call_s"] > 0 and predict["first_call_s"] > 0
     assert len(compiled) == 2 and compiled[1] == "MaskSAM", compiled  # the encoder, then the predictor's network
-    assert ", torch.compile." in (tmp_path / "suite_cpu_compiled.md").read_text()
+    assert ", torch.compile." in (tmp_path / "suite_cpu_compiled.md").read_text(encoding="utf-8")
 
 
 def test_predict_cpu_estimates_the_whole_ct_from_its_first_windows(bench, shared_data, tmp_path):
@@ -174,9 +174,9 @@ def test_predict_cpu_estimates_the_whole_ct_from_its_first_windows(bench, shared
     want = row["preprocessing_s"] + row["first_batch_s"] + 494 * row["seconds_per_window"]
     assert row["seconds"] == pytest.approx(want)
     assert row["seconds_per_window"] > 0 and row["peak_rss_mb"] > 100
-    assert json.loads(out.with_suffix(".json").read_text())["rows"] == [row]
+    assert json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["rows"] == [row]
     assert row["precision"] in ("float32", "bfloat16")  # the Predictor's choice on this CPU
-    assert f"| tiny | off | {row['precision']} | no | 0.5 | 495 |" in out.with_suffix(".md").read_text()
+    assert f"| tiny | off | {row['precision']} | no | 0.5 | 495 |" in out.with_suffix(".md").read_text(encoding="utf-8")
 
 
 def test_gpu_session_script_is_valid_bash_and_explains_itself():
@@ -201,5 +201,5 @@ def test_grad_checkpointing_cuts_nothing_but_memory(bench, tmp_path):
     assert plain["status"] == recomputed["status"] == "ok"
     assert plain["grad_checkpointing"] is False and recomputed["grad_checkpointing"] is True
     assert recomputed["loss"] == pytest.approx(plain["loss"], rel=1e-5)
-    md = (tmp_path / "suite_cpu_gc.md").read_text()
+    md = (tmp_path / "suite_cpu_gc.md").read_text(encoding="utf-8")
     assert "encoder blocks, prompt-generator stages and mask decoder recomputed in backward" in md

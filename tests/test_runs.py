@@ -114,7 +114,7 @@ def test_a_new_model_file_is_laid_out_as_export_always_wrote_it():
 
 
 def test_incomplete_files_are_clear_errors(tmp_path):
-    from masksam_core.training.checkpoint import atomic_save
+    from masksam_core.files import atomic_save
 
     atomic_save({"kind": "masksam-run", "format": 1, "model": {}}, tmp_path / "bad.pt")
     with pytest.raises(MaskSAMError, match="incomplete"):

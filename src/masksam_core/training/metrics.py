@@ -83,6 +83,15 @@ def validate_iter(model: MaskSAM, volumes: Sequence[tuple[Any, Any]], class_name
     counts = [count_windows(np.shape(image)[1:], model.patch_size, 0.5) for image, _ in volumes]
     total = sum(counts)
     dices, done = [], 0
+    asked = 0
+
+    def stop_after_a_window() -> bool:
+        # relay asks before each window; the first window of a validation always runs, so a stop that came
+        # during training still shows the validation started and its grad-free forward, then ends it
+        nonlocal asked
+        asked += 1
+        return asked > 1 and should_stop is not None and bool(should_stop())
+
     for (image, labels), count in zip(volumes, counts, strict=True):
         volume = torch.from_numpy(np.array(image, dtype=np.float32))
         if gt_mode:
@@ -91,7 +100,7 @@ def validate_iter(model: MaskSAM, volumes: Sequence[tuple[Any, Any]], class_name
         def counted(progress: Progress, before: int = done) -> tuple[int, int]:
             return before + progress.done, total
 
-        scores = yield from relay(windows, counted, should_stop)
+        scores = yield from relay(windows, counted, stop_after_a_window)
         if scores is None:  # stopped
             return None
         done += count
